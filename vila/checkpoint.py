@@ -1,0 +1,91 @@
+"""Model path or Hugging Face hub id -> a local checkpoint folder (spec checkpoint.md §1.4).
+
+Nothing downloaded is executed: ``*.py`` files are never fetched, and weights are read from safetensors.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+from .errors import CheckpointError
+
+# Files a training run leaves next to the weights that inference never reads (some are hundreds of MB),
+# plus code (never executed here) and pickled weights (the released checkpoints ship safetensors).
+IGNORE_PATTERNS = [
+    "trainer_state.json",
+    "training_args.bin",
+    "optimizer*",
+    "scheduler*",
+    "rng_state*",
+    "global_step*",
+    "*.pt",
+    "*.pth",
+    "*.bin",
+    "*.py",
+    "*.ipynb",
+]
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def looks_like_hub_id(name: str) -> bool:
+    return bool(_HUB_ID.match(name)) and not name.startswith((".", "/", "~"))
+
+
+def resolve_checkpoint(
+    path_or_id: str | os.PathLike, *, revision: str | None = None, cache_dir: str | os.PathLike | None = None
+) -> Path:
+    """A local folder holding ``config.json``: the path itself, its ``model/`` subfolder, or a hub snapshot."""
+    name = os.fspath(path_or_id)
+    local = Path(name).expanduser()
+    if local.exists():
+        return _checkpoint_root(local)
+    if not looks_like_hub_id(name):
+        raise CheckpointError(f"model path not found: {name}; pass an existing folder or a hub id like Efficient-Large-Model/NVILA-8B")
+    return _checkpoint_root(download(name, revision=revision, cache_dir=cache_dir))
+
+
+def _checkpoint_root(path: Path) -> Path:
+    if not path.is_dir():
+        raise CheckpointError(f"{path} is a file; pass the checkpoint folder that holds config.json")
+    # Training output directories nest everything under model/ (spec §1.4 step 3).
+    if (path / "model").is_dir():
+        path = path / "model"
+    if not (path / "config.json").exists():
+        raise CheckpointError(f"{path} is not a VILA checkpoint (no config.json); pass the folder with config.json, llm/, vision_tower/, mm_projector/")
+    return path
+
+
+def download(repo_id: str, *, revision: str | None = None, cache_dir: str | os.PathLike | None = None) -> Path:
+    """``snapshot_download`` with the hub's progress bars, the cache and ``HF_HUB_OFFLINE`` honoured."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    try:
+        folder = snapshot_download(repo_id, revision=revision, cache_dir=cache_dir, ignore_patterns=IGNORE_PATTERNS)
+    except GatedRepoError as e:
+        raise CheckpointError(
+            f"{repo_id} is gated: accept its licence on huggingface.co, then log in (`hf auth login`) or set HF_TOKEN"
+        ) from e
+    except RepositoryNotFoundError as e:
+        raise CheckpointError(
+            f"model {repo_id!r} not found on the Hugging Face Hub (or it is private); check the id, e.g. Efficient-Large-Model/NVILA-8B"
+        ) from e
+    except RevisionNotFoundError as e:
+        raise CheckpointError(f"revision {revision!r} does not exist for {repo_id}; check the branch, tag or commit") from e
+    except LocalEntryNotFoundError as e:
+        offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+        why = "offline mode is on (HF_HUB_OFFLINE)" if offline else "the Hub cannot be reached"
+        raise CheckpointError(
+            f"{repo_id} is not in the local cache and {why}; download it once with network access, or pass a local folder"
+        ) from e
+    except (HfHubHTTPError, OSError) as e:
+        raise CheckpointError(f"cannot download {repo_id}: {e}; check your network or pass a local folder") from e
+    return Path(folder)

@@ -1,0 +1,323 @@
+"""Typed configuration, parsed once from a checkpoint's JSON files.
+
+The reference keeps a loose ``LlavaConfig`` whose attributes are read all over the model code. Here the
+top-level ``config.json``, ``vision_tower/config.json``, ``vision_tower/preprocessor_config.json`` and
+``mm_projector/config.json`` become frozen dataclasses at the edge; the model code never reads JSON.
+Defaults are those of the reference's ``LlavaConfig`` (spec checkpoint.md §1.2).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from .errors import CheckpointError, UnsupportedModelError
+
+ENCODER_TARGETS = {
+    "llava.model.encoders.BasicImageEncoder": "basic_image",
+    "llava.model.encoders.BasicVideoEncoder": "basic_video",
+    "llava.model.encoders.TSPVideoEncoder": "tsp_video",
+}
+ASPECT_RATIO_MODES = ("resize", "pad", "dynamic", "dynamic_s2", None)
+VISION_FEATURES = ("patch", "cls_patch")
+
+
+@dataclass(frozen=True)
+class EncoderConfig:
+    """An ``image_encoder`` / ``video_encoder`` entry (Hydra ``_target_`` style in the checkpoint)."""
+
+    kind: str  # "basic_image" | "basic_video" | "tsp_video"
+    start_tokens: str | None = None
+    end_tokens: str | None = "\n"
+    sep_tokens: str | None = None
+    pool_sizes: tuple[tuple[int, int, int], ...] = ()
+
+    @classmethod
+    def parse(cls, value: Any, default_target: str) -> EncoderConfig:
+        if value is None:
+            value = {"_target_": default_target}
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError as e:
+                raise CheckpointError(f"config.json: encoder entry {value!r} is not valid JSON") from e
+        value = dict(value)
+        target = value.pop("_target_", default_target)
+        if target not in ENCODER_TARGETS:
+            known = ", ".join(sorted(ENCODER_TARGETS))
+            raise UnsupportedModelError(f"config.json: unknown media encoder {target!r}; supported: {known}")
+        kind = ENCODER_TARGETS[target]
+        pool_sizes = tuple(tuple(int(x) for x in p) for p in value.pop("pool_sizes", ()) or ())
+        if kind == "tsp_video" and (not pool_sizes or any(len(p) != 3 or min(p) < 1 for p in pool_sizes)):
+            raise CheckpointError(f"config.json: TSPVideoEncoder needs pool_sizes [[t, h, w], ...], got {pool_sizes}")
+        cfg = cls(
+            kind=kind,
+            start_tokens=value.pop("start_tokens", None),
+            end_tokens=value.pop("end_tokens", "\n"),
+            sep_tokens=value.pop("sep_tokens", None),
+            pool_sizes=pool_sizes,
+        )
+        if value:
+            raise UnsupportedModelError(f"config.json: unknown arguments {sorted(value)} for encoder {target}")
+        return cfg
+
+
+@dataclass(frozen=True)
+class ProcessorConfig:
+    """The image processor of the vision tower (``preprocessor_config.json``), after the S2 size override."""
+
+    size: int  # square tile size in pixels
+    image_mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    image_std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    rescale_factor: float = 1 / 255
+    resample: int = 3  # PIL.Image.BICUBIC
+    do_resize: bool = True
+    do_rescale: bool = True
+    do_normalize: bool = True
+    kind: str = "siglip"  # "siglip" | "intern"
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], default_size: int) -> ProcessorConfig:
+        ptype = d.get("image_processor_type", "SiglipImageProcessor")
+        if ptype == "InternVisionPreprocessor":
+            return cls(size=default_size, image_mean=(0.485, 0.456, 0.406), image_std=(0.229, 0.224, 0.225), kind="intern")
+        size = d.get("size") or {}
+        if isinstance(size, dict):
+            h, w = size.get("height", default_size), size.get("width", default_size)
+        else:
+            h = w = int(size)
+        if h != w:
+            raise UnsupportedModelError(f"preprocessor_config.json: non-square size {w}x{h} is not supported")
+        return cls(
+            size=int(h),
+            image_mean=tuple(d.get("image_mean", (0.5, 0.5, 0.5))),
+            image_std=tuple(d.get("image_std", (0.5, 0.5, 0.5))),
+            rescale_factor=float(d.get("rescale_factor", 1 / 255)),
+            resample=int(d.get("resample", 3)),
+            do_resize=bool(d.get("do_resize", True)),
+            do_rescale=bool(d.get("do_rescale", True)),
+            do_normalize=bool(d.get("do_normalize", True)),
+        )
+
+
+@dataclass(frozen=True)
+class VisionConfig:
+    """Which tower, how its features are selected, and how multi-scale (S2 / Dynamic-S2) works."""
+
+    kind: str  # "siglip" | "intern" | "ps3"
+    hidden_size: int
+    image_size: int
+    patch_size: int
+    num_hidden_layers: int
+    select_layer: int
+    select_feature: str
+    s2: bool
+    dynamic_s2: bool
+    scales: tuple[int, ...]
+    max_split_size: int
+    resize_output_to_scale_idx: int
+    raw: dict[str, Any] = field(repr=False, compare=False, default_factory=dict)
+
+    @property
+    def num_scales(self) -> int:
+        return len(self.scales) if (self.s2 or self.dynamic_s2) else 1
+
+    @property
+    def mm_hidden_size(self) -> int:
+        """Channels the projector sees: tower width times the number of S2 scales (spec checkpoint.md §1.2)."""
+        return self.hidden_size * self.num_scales
+
+    @property
+    def num_layers_to_run(self) -> int:
+        """Encoder layers needed for ``hidden_states[select_layer]`` (entry 0 is the embedding output)."""
+        n = self.select_layer if self.select_layer >= 0 else self.num_hidden_layers + 1 + self.select_layer
+        if not 0 <= n <= self.num_hidden_layers:
+            raise CheckpointError(
+                f"config.json: mm_vision_select_layer {self.select_layer} is out of range for a "
+                f"{self.num_hidden_layers}-layer vision tower"
+            )
+        return n
+
+
+@dataclass(frozen=True)
+class VilaConfig:
+    """Everything inference needs from a checkpoint, parsed once."""
+
+    root: Path
+    model_type: str
+    llm_dir: Path
+    vision_dir: Path
+    projector_dir: Path
+    llm_model_type: str
+    llm_hidden_size: int
+    llm_vocab_size: int
+    vision: VisionConfig
+    processor: ProcessorConfig
+    projector_type: str
+    image_aspect_ratio: str | None
+    min_tiles: int = 1
+    max_tiles: int = 12
+    video_max_tiles: int = 1
+    num_video_frames: int = 8
+    fps: float = 0.0
+    num_time_tokens: int | None = None
+    time_token_format: str | None = None
+    image_encoder: EncoderConfig = EncoderConfig("basic_image")
+    video_encoder: EncoderConfig = EncoderConfig("basic_video")
+    training_conv_version: str | None = None  # the training run's ``--version`` (a conv-mode name), if saved
+    name_or_path: str = ""
+
+    def with_overrides(self, **changes: Any) -> VilaConfig:
+        """A copy with per-request settings changed (num_video_frames, fps, video_max_tiles...)."""
+        return replace(self, **changes)
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except FileNotFoundError as e:
+        raise CheckpointError(f"missing {path}; the checkpoint is incomplete (re-download it)") from e
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path} is not valid JSON ({e}); the checkpoint is corrupt (re-download it)") from e
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path} does not hold a JSON object")
+    return data
+
+
+def _int(d: dict[str, Any], key: str, default: int) -> int:
+    v = d.get(key)
+    return default if v is None else int(v)
+
+
+def parse_scales(value: Any) -> tuple[int, ...]:
+    """``s2_scales`` is a comma-separated string (or a list); the reference sorts it ascending."""
+    if value is None:
+        return ()
+    items = value.split(",") if isinstance(value, str) else value
+    try:
+        return tuple(sorted(int(x) for x in items))
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"config.json: s2_scales {value!r} is not a list of integers") from e
+
+
+def vision_kind(vision_cfg: dict[str, Any], top: dict[str, Any]) -> str:
+    """The reference's tower rule (spec checkpoint.md §1.3 item 3)."""
+    if top.get("ps3"):
+        return "ps3"
+    archs = vision_cfg.get("architectures") or [vision_cfg.get("model_type", "")]
+    name = str(archs[0]).lower()
+    if "intern" in name:
+        return "intern"
+    if "siglip" in name:
+        return "siglip"
+    if "radio" in name or "clip" in name:
+        raise UnsupportedModelError(f"vision tower {archs[0]!r} (RADIO/CLIP) is not supported yet; no released VILA uses it")
+    raise UnsupportedModelError(f"unknown vision tower {archs[0]!r} in vision_tower/config.json")
+
+
+def parse_config(root: Path) -> VilaConfig:
+    """Parse ``root/config.json`` and the component configs into a :class:`VilaConfig`."""
+    top = read_json(root / "config.json")
+    model_type = str(top.get("model_type", ""))
+    archs = [str(a) for a in top.get("architectures") or []]
+    if model_type in ("nvila", "nvila_lite"):
+        raise UnsupportedModelError(
+            f"{root}: the single-folder '-hf' layout (model_type {model_type!r}) is not supported; "
+            "use the original checkpoint without the -hf suffix (e.g. Efficient-Large-Model/NVILA-8B)"
+        )
+    if not (model_type in ("llava_llama", "llava_topdown_llama", "vila") or any("llava" in a.lower() for a in archs)):
+        raise CheckpointError(
+            f"{root} is not a VILA checkpoint (config.json model_type {model_type!r}); "
+            "pass a VILA/NVILA checkpoint folder or hub id"
+        )
+
+    def component(key: str, folder: str) -> Path:
+        value = top.get(key)
+        if key == "vision_tower_cfg" and value is None:
+            value = top.get("mm_vision_tower")
+        if isinstance(value, str) and value and (root / value).is_dir():
+            return root / value
+        path = root / folder
+        if not path.is_dir():
+            raise CheckpointError(f"{root} has no {folder}/ folder; the checkpoint is incomplete (re-download it)")
+        return path
+
+    llm_dir = component("llm_cfg", "llm")
+    vision_dir = component("vision_tower_cfg", "vision_tower")
+    projector_dir = component("mm_projector_cfg", "mm_projector")
+
+    llm_cfg = read_json(llm_dir / "config.json")
+    vision_cfg = read_json(vision_dir / "config.json")
+    projector_cfg = read_json(projector_dir / "config.json")
+
+    kind = vision_kind(vision_cfg, top)
+    s2, dynamic_s2 = bool(top.get("s2")), bool(top.get("dynamic_s2"))
+    scales = parse_scales(top.get("s2_scales"))
+    if (s2 or dynamic_s2) and not scales:
+        raise CheckpointError("config.json: s2/dynamic_s2 is set but s2_scales is missing")
+    select_feature = top.get("mm_vision_select_feature") or "patch"
+    if select_feature not in VISION_FEATURES:
+        raise UnsupportedModelError(f"config.json: unknown mm_vision_select_feature {select_feature!r}")
+    if top.get("mm_vision_select_layer") is None:
+        raise CheckpointError("config.json: mm_vision_select_layer is missing; the checkpoint is incomplete")
+    image_size = int(vision_cfg.get("image_size", 0) or 0)
+    vision = VisionConfig(
+        kind=kind,
+        hidden_size=int(vision_cfg.get("hidden_size", 0) or 0),
+        image_size=image_size,
+        patch_size=int(vision_cfg.get("patch_size", 14) or 14),
+        num_hidden_layers=int(vision_cfg.get("num_hidden_layers", 0) or 0),
+        select_layer=int(top["mm_vision_select_layer"]),
+        select_feature=select_feature,
+        s2=s2,
+        dynamic_s2=dynamic_s2,
+        scales=scales,
+        max_split_size=_int(top, "s2_max_split_size", 0),
+        resize_output_to_scale_idx=_int(top, "s2_resize_output_to_scale_idx", 0),
+        raw=vision_cfg,
+    )
+
+    # S2 towers see the largest scale, Dynamic-S2 tiles are the smallest scale (spec vision.md §2.3, §2.4).
+    pre_path = vision_dir / "preprocessor_config.json"
+    pre = read_json(pre_path) if pre_path.exists() else {}
+    processor = ProcessorConfig.from_dict(pre, default_size=image_size)
+    if dynamic_s2:
+        processor = replace(processor, size=scales[0])
+    elif s2:
+        processor = replace(processor, size=scales[-1])
+
+    projector_type = projector_cfg.get("mm_projector_type")
+    if not projector_type:
+        raise CheckpointError(f"{projector_dir}/config.json has no mm_projector_type")
+
+    aspect = top.get("image_aspect_ratio")
+    num_time_tokens = top.get("num_time_tokens")
+    fps = top.get("fps")
+    return VilaConfig(
+        root=root,
+        model_type=model_type,
+        llm_dir=llm_dir,
+        vision_dir=vision_dir,
+        projector_dir=projector_dir,
+        llm_model_type=str(llm_cfg.get("model_type", "")),
+        llm_hidden_size=int(llm_cfg.get("hidden_size", 0) or 0),
+        llm_vocab_size=int(llm_cfg.get("vocab_size", 0) or 0),
+        vision=vision,
+        processor=processor,
+        projector_type=str(projector_type),
+        image_aspect_ratio=aspect,
+        min_tiles=_int(top, "min_tiles", 1),
+        max_tiles=_int(top, "max_tiles", 12),
+        video_max_tiles=_int(top, "video_max_tiles", 1),
+        num_video_frames=_int(top, "num_video_frames", 8),
+        fps=float(fps or 0.0),
+        num_time_tokens=None if num_time_tokens is None else int(num_time_tokens),
+        time_token_format=top.get("time_token_format"),
+        image_encoder=EncoderConfig.parse(top.get("image_encoder"), "llava.model.encoders.BasicImageEncoder"),
+        video_encoder=EncoderConfig.parse(top.get("video_encoder"), "llava.model.encoders.BasicVideoEncoder"),
+        training_conv_version=top.get("version") if isinstance(top.get("version"), str) else None,
+        name_or_path=str(top.get("_name_or_path") or ""),
+    )

@@ -1,0 +1,54 @@
+"""The checkpoint tokenizer, loaded verbatim, plus media tokens and stop tokens (spec prompt.md §6.5–6.8)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from .errors import CheckpointError
+from .prompt import IMAGE_TOKEN, SENTINEL_TOKEN, VIDEO_TOKEN, Template
+
+# A dummy conversation whose assistant turns are the sentinel: the token after each sentinel is a stop token.
+_DUMMY_TURNS = 10
+
+
+def load_tokenizer(llm_dir: Path) -> Any:
+    """Load ``llm/tokenizer.json`` exactly as saved and add the media tokens.
+
+    transformers 5.x ``AutoTokenizer`` rebuilds Llama/SentencePiece tokenizers and drops the saved
+    normalizer, which removes the ``▁`` after every special token and shifts all later ids (spec §6.5);
+    ``PreTrainedTokenizerFast`` runs the saved pipeline unchanged.
+    """
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    path = llm_dir if (llm_dir / "tokenizer_config.json").exists() else llm_dir / "llm"
+    try:
+        if (path / "tokenizer.json").exists():
+            tok = PreTrainedTokenizerFast.from_pretrained(path, padding_side="right")
+        elif (path / "tokenizer_config.json").exists():
+            # Only a SentencePiece model was saved: there is no verbatim pipeline to load.
+            tok = AutoTokenizer.from_pretrained(path, padding_side="right")
+        else:
+            raise CheckpointError(f"no tokenizer in {llm_dir}; the checkpoint is incomplete (re-download it)")
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"cannot load the tokenizer from {path}: {e}") from e
+    if tok.eos_token is None:
+        raise CheckpointError(f"the tokenizer in {path} has no EOS token; generation could never stop")
+    # Same order as the reference, so a tokenizer without them gets the same new ids (spec §6.7).
+    tok.add_tokens([SENTINEL_TOKEN, IMAGE_TOKEN, VIDEO_TOKEN], special_tokens=True)
+    return tok
+
+
+def media_token_ids(tok: Any) -> dict[str, int]:
+    return {"image": tok.convert_tokens_to_ids(IMAGE_TOKEN), "video": tok.convert_tokens_to_ids(VIDEO_TOKEN)}
+
+
+def infer_stop_token_ids(tok: Any, template: Template) -> tuple[int, ...]:
+    """The tokens that follow an assistant turn in this template, plus EOS (spec §6.8)."""
+    stops = {tok.eos_token}
+    if template.style != "plain":  # plain has no turn terminator (the reference crashes here)
+        turns = [("user", "question"), ("assistant", SENTINEL_TOKEN)] * _DUMMY_TURNS
+        ids = tok(template.render(turns, tok)).input_ids
+        sentinel = tok.convert_tokens_to_ids(SENTINEL_TOKEN)
+        stops |= {tok.decode([ids[k + 1]]) for k in range(len(ids) - 1) if ids[k] == sentinel}
+    return tuple(sorted({tok.convert_tokens_to_ids(s) for s in stops}))
