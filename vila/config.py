@@ -218,21 +218,28 @@ def vision_kind(vision_cfg: dict[str, Any], top: dict[str, Any]) -> str:
     raise UnsupportedModelError(f"unknown vision tower {archs[0]!r} in vision_tower/config.json")
 
 
-def parse_config(root: Path) -> VilaConfig:
-    """Parse ``root/config.json`` and the component configs into a :class:`VilaConfig`."""
-    top = read_json(root / "config.json")
+def check_model_type(top: dict[str, Any], where: Path | str) -> str:
+    """The reference's ``is_mm_model`` test plus the layouts we know but cannot run (spec checkpoint.md §1.1)."""
     model_type = str(top.get("model_type", ""))
     archs = [str(a) for a in top.get("architectures") or []]
     if model_type in ("nvila", "nvila_lite"):
         raise UnsupportedModelError(
-            f"{root}: the single-folder '-hf' layout (model_type {model_type!r}) is not supported; "
-            "use the original checkpoint without the -hf suffix (e.g. Efficient-Large-Model/NVILA-8B)"
+            f"{where}: the single-folder '-hf' layout (model_type {model_type!r}, one weight set for LLM, tower and "
+            "projector, loaded by its own remote code) is not supported; use the original checkpoint without the "
+            "-hf suffix (e.g. Efficient-Large-Model/NVILA-8B or NVILA-Lite-2B), which holds the same model"
         )
     if not (model_type in ("llava_llama", "llava_topdown_llama", "vila") or any("llava" in a.lower() for a in archs)):
         raise CheckpointError(
-            f"{root} is not a VILA checkpoint (config.json model_type {model_type!r}); "
+            f"{where} is not a VILA checkpoint (config.json model_type {model_type!r}); "
             "pass a VILA/NVILA checkpoint folder or hub id"
         )
+    return model_type
+
+
+def parse_config(root: Path) -> VilaConfig:
+    """Parse ``root/config.json`` and the component configs into a :class:`VilaConfig`."""
+    top = read_json(root / "config.json")
+    check_model_type(top, root)
 
     def component(key: str, folder: str) -> Path:
         value = top.get(key)
@@ -252,6 +259,42 @@ def parse_config(root: Path) -> VilaConfig:
     llm_cfg = read_json(llm_dir / "config.json")
     vision_cfg = read_json(vision_dir / "config.json")
     projector_cfg = read_json(projector_dir / "config.json")
+    pre_path = vision_dir / "preprocessor_config.json"
+    pre = read_json(pre_path) if pre_path.exists() else {}
+    return config_from_dicts(
+        top, llm_cfg, vision_cfg, projector_cfg, pre, root=root, dirs=(llm_dir, vision_dir, projector_dir)
+    )
+
+
+def config_from_dicts(
+    top: dict[str, Any],
+    llm_cfg: dict[str, Any] | None = None,
+    vision_cfg: dict[str, Any] | None = None,
+    projector_cfg: dict[str, Any] | None = None,
+    preprocessor: dict[str, Any] | None = None,
+    *,
+    root: Path = Path("."),
+    dirs: tuple[Path, Path, Path] | None = None,
+) -> VilaConfig:
+    """A :class:`VilaConfig` from config dicts alone (no files): used by :mod:`vila.meta` to check shapes of
+    published configs. A component config left out is taken from the dict the top-level config embeds
+    (``llm_cfg`` / ``vision_tower_cfg`` / ``mm_projector_cfg``, spec checkpoint.md §1.2)."""
+    check_model_type(top, root)
+
+    def embedded(given: dict[str, Any] | None, key: str) -> dict[str, Any]:
+        if given is not None:
+            return given
+        value = top.get(key)
+        if not isinstance(value, dict):
+            raise CheckpointError(f"config.json: no {key} dict embedded and no {key[:-4]}/config.json given")
+        return value
+
+    llm_cfg = embedded(llm_cfg, "llm_cfg")
+    vision_cfg = embedded(vision_cfg, "vision_tower_cfg")
+    projector_cfg = embedded(projector_cfg, "mm_projector_cfg")
+    pre = preprocessor or {}
+    llm_dir, vision_dir, projector_dir = dirs or (root / "llm", root / "vision_tower", root / "mm_projector")
+    model_type = str(top.get("model_type", ""))
 
     kind = vision_kind(vision_cfg, top)
     s2, dynamic_s2 = bool(top.get("s2")), bool(top.get("dynamic_s2"))
@@ -281,8 +324,6 @@ def parse_config(root: Path) -> VilaConfig:
     )
 
     # S2 towers see the largest scale, Dynamic-S2 tiles are the smallest scale (spec vision.md §2.3, §2.4).
-    pre_path = vision_dir / "preprocessor_config.json"
-    pre = read_json(pre_path) if pre_path.exists() else {}
     processor = ProcessorConfig.from_dict(pre, default_size=image_size)
     if dynamic_s2:
         processor = replace(processor, size=scales[0])

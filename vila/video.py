@@ -1,0 +1,607 @@
+"""Video frame sampling and decoding, and the CLI's time-token rewrite.
+
+Frames are chosen exactly as the reference llava loader chooses them (media_loading.md §7.3 steps 1-2, the project
+path of media_encoders.md §5.8): uniform ``round(linspace(0, n - 1, num_frames))`` or, with ``fps > 0``, timestamp
+sampling; the frame count is the last decodable frame, as the reference finds it. What differs is how the frames are
+decoded: only the sampled frames, seeking to the keyframe before each (decord) or grabbing forward over short gaps
+(OpenCV), instead of the reference's one OpenCV seek per frame, which decodes from the keyframe before ``i - 16``.
+Frame metadata (count, fps) always comes from OpenCV when it is installed, so the indices equal the reference's
+whichever backend decodes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import re
+import sys
+import tempfile
+import urllib.error
+import urllib.parse
+import urllib.request
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import PIL.Image
+
+from .errors import MediaError, UsageError
+from .media import URL_TIMEOUT_S, Image, Video, is_url, load_image
+
+BACKENDS = ("decord", "opencv")
+# More frames than this get a progress bar when ``progress`` is None.
+PROGRESS_MIN_FRAMES = 64
+# OpenCV seeks to the keyframe before ``i - 16`` and decodes forward, so grabbing forward is cheaper over shorter gaps.
+OPENCV_MAX_GRAB_GAP = 32
+# A container that reports no (or a negative) frame count is counted by decoding; this bounds that count.
+MAX_COUNTED_FRAMES = 10_000_000
+DOWNLOAD_CHUNK = 1 << 20
+
+FrameTransform = Callable[[PIL.Image.Image], PIL.Image.Image]
+
+
+@dataclass(frozen=True)
+class DecodedVideo:
+    """The sampled frames of one video, with the metadata the CLI's time-token rewrite needs."""
+
+    frames: list[PIL.Image.Image]  # RGB, in sampled order; a repeated index repeats the same frame object
+    indices: list[int]  # frame index of each entry of ``frames``
+    duration: float  # seconds: frame_count / fps (§7.3 c); 0.0 when the fps is unknown and for frame dirs / lists
+    source: str  # printable description
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Index rules (pure)
+
+
+def sample_indices(frame_count: int, num_frames: int, *, fps: float = 0.0, video_fps: float = 0.0) -> list[int]:
+    """The reference's frame indices (§7.3 step 2d), numpy formulas kept verbatim so rounding matches exactly.
+
+    ``fps > 0``: timestamps ``arange(0, frame_count / video_fps, 1 / fps)[:num_frames]``, index ``int(t * video_fps)``
+    (empty when ``video_fps`` is unknown, as in the reference). Otherwise ``round(linspace(0, frame_count - 1,
+    num_frames))`` with numpy's round-half-to-even. Duplicates are kept: they repeat a frame.
+    """
+    if num_frames < 1:
+        raise UsageError(f"num_frames must be at least 1, got {num_frames}")
+    if frame_count <= 0:
+        return []
+    if fps > 0:
+        duration = frame_count / video_fps if video_fps > 0 else 0
+        timestamps = np.arange(0, duration, 1 / fps)[:num_frames]
+        return [int(t * video_fps) for t in timestamps]
+    return np.round(np.linspace(0, frame_count - 1, num_frames)).astype(int).tolist()
+
+
+def last_decodable_count(decodable: Callable[[int], bool], frame_count: int) -> int:
+    """The largest ``n <= frame_count`` whose frame ``n - 1`` decodes, 0 if none (§7.3 step 2b).
+
+    The reference decrements one frame at a time; galloping down and then bisecting gives the same answer (frames
+    decode up to some point and not after it) in a logarithmic number of seeks when the container's count is far off.
+    """
+    if frame_count <= 0:
+        return 0
+    bad = frame_count - 1
+    if decodable(bad):
+        return frame_count
+    step = 1
+    while True:
+        probe = max(bad - step, 0)
+        if decodable(probe):
+            good = probe
+            break
+        if probe == 0:
+            return 0
+        bad, step = probe, step * 2
+    while bad - good > 1:
+        mid = (good + bad) // 2
+        if decodable(mid):
+            good = mid
+        else:
+            bad = mid
+    return good + 1
+
+
+def natural_key(name: str) -> list[Any]:
+    """Sort key that orders embedded numbers by value (``frame2`` before ``frame10``); text parts compare as text."""
+    parts = re.split(r"(\d+)", name)
+    return [int(p) if i % 2 else p for i, p in enumerate(parts)] + [name]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Time tokens (CLI only, §7.6)
+
+_OUT_OF_RANGE_TIME_TOKEN = re.compile(r"<t(\d+)>")
+
+
+def rewrite_time_tokens(text: str, *, duration: float, num_time_tokens: int, time_token_format: str) -> str:
+    """Replace time tokens by timestamps in seconds, as the reference CLI prints them (media_loading.md §7.6).
+
+    Token ``k`` becomes ``"<" + str(round(k * duration / (N - 1), 2)) + ">"`` (plain sequential ``str.replace`` in
+    token order, like the reference), then every ``<tK>`` with ``K >= N`` (hard-coded spelling, whatever the format)
+    becomes ``<round(duration, 2)>``. The reference divides by zero for ``N == 1``; here the single token 0 means the
+    start of the video, ``<0.0>``. ``N <= 0`` only runs the out-of-range step, so every ``<tK>`` becomes the duration.
+    """
+    duration = float(duration)
+    for k in range(num_time_tokens):
+        value = round(k * duration / (num_time_tokens - 1), 2) if num_time_tokens > 1 else 0.0
+        text = text.replace(time_token_format.format(t=k), f"<{value}>")
+    end = f"<{round(duration, 2)}>"
+    return _OUT_OF_RANGE_TIME_TOKEN.sub(lambda m: end if int(m.group(1)) >= num_time_tokens else m.group(0), text)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Entry point
+
+
+def load_video(
+    source: Any,
+    *,
+    num_frames: int,
+    fps: float = 0.0,
+    backend: str | None = None,
+    progress: bool | None = None,
+    transform: FrameTransform | None = None,
+) -> DecodedVideo:
+    """Sample and decode the frames of a video file, URL, directory of frames or in-memory frame sequence.
+
+    ``backend``: None tries decord and falls back to OpenCV when decord is missing, cannot open the file or disagrees
+    with OpenCV on the frame count; ``"decord"`` / ``"opencv"`` force one. ``progress``: None shows a bar (stderr) when
+    more than ``PROGRESS_MIN_FRAMES`` frames are decoded, and for downloads. ``transform`` (optional) is applied to
+    each decoded RGB frame at once, e.g. the preprocessing resize, so a long video never holds every frame at full
+    resolution. Frames that fail to decode are skipped with a warning; none at all raises MediaError.
+    """
+    if isinstance(source, Video):
+        source = source.source
+    if num_frames < 1:
+        raise UsageError(f"num_frames must be at least 1, got {num_frames}")
+    if fps < 0:
+        raise UsageError(f"fps must be 0 (uniform sampling) or positive, got {fps}")
+    if backend is not None and backend not in BACKENDS:
+        raise UsageError(f"unknown video backend {backend!r}; use one of {', '.join(BACKENDS)} or None (automatic)")
+    transform = transform or _identity
+
+    if isinstance(source, (bytes, bytearray, memoryview)) or hasattr(source, "read"):
+        return _load_bytes(source, num_frames, fps, backend, progress, transform)
+    if isinstance(source, (str, os.PathLike)):
+        text = os.fspath(source)
+        if isinstance(text, str) and is_url(text):
+            path = download_video(text, progress=progress)
+            return _load_file(path, num_frames, fps, backend, progress, transform, name=text)
+        if isinstance(text, str) and "://" in text:
+            raise MediaError(f"unsupported URL scheme in {text!r}; use an http(s):// URL or a local path")
+        return _load_path(Path(os.fsdecode(text)).expanduser(), num_frames, fps, backend, progress, transform)
+    if isinstance(source, PIL.Image.Image):
+        raise MediaError("a single PIL image is not a video; pass a list of frames, or use vila.Image for an image")
+    if isinstance(source, np.ndarray) or (hasattr(source, "__array__") and not isinstance(source, Sequence)):
+        frames = np.asarray(source)
+        if frames.ndim != 4:
+            raise MediaError(f"a video array must be T x H x W x 3 (uint8 RGB), got shape {tuple(frames.shape)}")
+        return _load_sequence(frames, num_frames, progress, transform, f"<array of {len(frames)} frames>")
+    if isinstance(source, Iterable):
+        items = list(source)
+        return _load_sequence(items, num_frames, progress, transform, f"<{len(items)} frames>")
+    raise MediaError(
+        f"cannot read a video from {type(source).__name__}; pass a path, an http(s) URL, a directory of frames, "
+        "or a list of frames (PIL images or uint8 arrays)"
+    )
+
+
+def _identity(image: PIL.Image.Image) -> PIL.Image.Image:
+    return image
+
+
+def _load_path(
+    path: Path, num_frames: int, fps: float, backend: str | None, progress: bool | None, transform: FrameTransform
+) -> DecodedVideo:
+    if not path.exists():
+        raise MediaError(f"video not found: {path}; check the path")
+    if path.is_dir():
+        return _load_frame_dir(path, num_frames, progress, transform)
+    if not path.is_file():
+        raise MediaError(f"{path} is not a regular file (a pipe or device?); pass a video file or a directory of frames")
+    return _load_file(path, num_frames, fps, backend, progress, transform, name=str(path))
+
+
+def _load_bytes(
+    data: Any, num_frames: int, fps: float, backend: str | None, progress: bool | None, transform: FrameTransform
+) -> DecodedVideo:
+    """Encoded video bytes (or a binary file object) go through a temporary file: OpenCV only reads paths."""
+    payload = data.read() if hasattr(data, "read") else bytes(data)
+    if not isinstance(payload, bytes):
+        raise MediaError(f"the video file object returned {type(payload).__name__}, not bytes; open it in binary mode")
+    fd, tmp = tempfile.mkstemp(prefix="vila-video-", suffix=".bin")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(payload)
+        return _load_file(Path(tmp), num_frames, fps, backend, progress, transform, name=f"<{len(payload)} bytes>")
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Frame directories and in-memory frames
+
+
+def _image_extensions() -> frozenset[str]:
+    return frozenset(ext.lower() for ext in PIL.Image.registered_extensions())
+
+
+def list_frame_files(directory: Path) -> list[Path]:
+    """Image files of a frame directory in natural order; hidden files (like the reference's glob) and non-images are
+    skipped, extensions compared case-insensitively."""
+    extensions = _image_extensions()
+    files = [
+        p
+        for p in directory.iterdir()
+        if not p.name.startswith(".") and p.suffix.lower() in extensions and p.is_file()
+    ]
+    return sorted(files, key=lambda p: natural_key(p.name))
+
+
+def _load_frame_dir(directory: Path, num_frames: int, progress: bool | None, transform: FrameTransform) -> DecodedVideo:
+    files = list_frame_files(directory)
+    if not files:
+        raise MediaError(f"no image files in {directory}; a frame directory must hold images (.jpg, .png, ...)")
+    video = _load_sequence(files, num_frames, progress, transform, f"{directory} ({len(files)} frames)")
+    return video
+
+
+def _load_sequence(
+    items: Sequence[Any], num_frames: int, progress: bool | None, transform: FrameTransform, name: str
+) -> DecodedVideo:
+    """Frames given one by one (images of a directory, PIL images, arrays): uniform rule, fps ignored (§7.3 step 1)."""
+    indices = sample_indices(len(items), num_frames)
+    if not indices:
+        raise MediaError(f"{name} holds no frames; pass at least one frame")
+    wanted = sorted(set(indices))
+    decoded: dict[int, PIL.Image.Image] = {}
+    failed: list[int] = []
+    with _progress_bar(len(wanted), progress, "reading frames") as bar:
+        for i in wanted:
+            item = items[i]
+            if isinstance(item, (str, os.PathLike)):
+                try:
+                    decoded[i] = transform(load_image(Image(item)))
+                except MediaError as e:
+                    warnings.warn(f"skipping frame {i}: {e}", stacklevel=4)
+                    failed.append(i)
+            else:
+                decoded[i] = transform(_frame_to_pil(item, i))
+            bar.update(1)
+    return _result(decoded, indices, failed, duration=0.0, name=name)
+
+
+def _frame_to_pil(item: Any, index: int) -> PIL.Image.Image:
+    if isinstance(item, PIL.Image.Image):
+        return item if item.mode == "RGB" else item.convert("RGB")
+    array = np.asarray(item)
+    if array.dtype != np.uint8:
+        raise MediaError(f"frame {index} is a {array.dtype} array; frames must be uint8 RGB (H x W x 3)")
+    if array.ndim == 2 or (array.ndim == 3 and array.shape[2] in (1, 3, 4)):
+        image = PIL.Image.fromarray(array[..., 0] if array.ndim == 3 and array.shape[2] == 1 else array)
+        return image if image.mode == "RGB" else image.convert("RGB")
+    raise MediaError(f"frame {index} has shape {array.shape}; frames must be H x W x 3 uint8 RGB arrays")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Video files
+
+
+class _Reader(Protocol):
+    """A decoder positioned on one file. ``read`` yields each requested index with its RGB image, or None."""
+
+    name: str
+
+    def decodable(self, index: int) -> bool: ...
+
+    def read(self, indices: Sequence[int]) -> Iterator[tuple[int, PIL.Image.Image | None]]: ...
+
+    def close(self) -> None: ...
+
+
+class _OpenCVReader:
+    """OpenCV (FFmpeg) decoder; also the source of the frame count and fps the reference uses."""
+
+    name = "opencv"
+
+    def __init__(self, path: Path) -> None:
+        import cv2
+
+        self._cv2 = cv2
+        self._cap = cv2.VideoCapture(str(path), cv2.CAP_FFMPEG)
+        if not self._cap.isOpened():
+            self._cap.release()
+            raise MediaError(f"{path} is not a video OpenCV can open")
+        count = self._cap.get(cv2.CAP_PROP_FRAME_COUNT)
+        self.frame_count = int(count) if np.isfinite(count) else 0
+        self.fps = float(self._cap.get(cv2.CAP_PROP_FPS))
+        self._next = 0  # index the next grab() returns; None when unknown (after a failure)
+
+    def decodable(self, index: int) -> bool:
+        """The reference's check: seek to ``index`` and grab (§7.3 step 2b)."""
+        self._cap.set(self._cv2.CAP_PROP_POS_FRAMES, index)
+        ok = bool(self._cap.grab())
+        self._next = index + 1 if ok else None
+        return ok
+
+    def count_frames(self) -> int:
+        """Count by decoding, for containers without a usable frame count."""
+        self._cap.set(self._cv2.CAP_PROP_POS_FRAMES, 0)
+        count = 0
+        while count < MAX_COUNTED_FRAMES and self._cap.grab():
+            count += 1
+        self._next = None
+        return count
+
+    def read(self, indices: Sequence[int]) -> Iterator[tuple[int, PIL.Image.Image | None]]:
+        cap, cv2 = self._cap, self._cv2
+        for i in indices:
+            if self._next is None or i < self._next or i - self._next > OPENCV_MAX_GRAB_GAP:
+                cap.set(cv2.CAP_PROP_POS_FRAMES, i)
+                self._next = i
+            ok = True
+            while ok and self._next < i:  # grab() decodes without the colour conversion that retrieve() adds
+                ok = cap.grab()
+                self._next += 1
+            frame = None
+            if ok and cap.grab():
+                ok, frame = cap.retrieve()
+            if not ok or frame is None:
+                self._next = None
+                yield i, None
+                continue
+            self._next = i + 1
+            yield i, _bgr_to_pil(frame)
+
+    def close(self) -> None:
+        self._cap.release()
+
+
+def _bgr_to_pil(frame: np.ndarray) -> PIL.Image.Image:
+    """BGR -> RGB in the one copy PIL makes anyway (same pixels as cvtColor + fromarray)."""
+    frame = np.ascontiguousarray(frame)
+    height, width = frame.shape[:2]
+    return PIL.Image.frombuffer("RGB", (width, height), frame, "raw", "BGR", 0, 1)
+
+
+class _DecordReader:
+    """decord decoder: it knows the keyframes, so each frame costs at most one group of pictures."""
+
+    name = "decord"
+
+    def __init__(self, path: Path) -> None:
+        import decord
+
+        try:
+            self._vr = decord.VideoReader(str(path), num_threads=0)
+        except Exception as e:  # decord raises RuntimeError / DECORDError / AssertionError for unreadable files
+            raise MediaError(f"{path} is not a video decord can open: {_first_line(e)}") from e
+        self.frame_count = len(self._vr)
+        self.fps = float(self._vr.get_avg_fps())
+
+    def _decode(self, index: int) -> Any:
+        # seek_accurate skips forward inside the current group of pictures and seeks to the keyframe otherwise.
+        self._vr.seek_accurate(index)
+        return self._vr.next()
+
+    def decodable(self, index: int) -> bool:
+        if not 0 <= index < self.frame_count:
+            return False
+        try:
+            self._decode(index)
+        except Exception:
+            return False
+        return True
+
+    def read(self, indices: Sequence[int]) -> Iterator[tuple[int, PIL.Image.Image | None]]:
+        for i in indices:
+            if not 0 <= i < self.frame_count:
+                yield i, None
+                continue
+            try:
+                frame = self._decode(i)
+            except Exception:
+                yield i, None
+                continue
+            # asnumpy for decord's own arrays; np.asarray when a global decord bridge returns another type.
+            yield i, PIL.Image.fromarray(frame.asnumpy() if hasattr(frame, "asnumpy") else np.asarray(frame))
+
+    def close(self) -> None:
+        self._vr = None
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return text[-1][:200] if text else type(error).__name__
+
+
+@contextlib.contextmanager
+def _open_reader(path: Path, backend: str | None, name: str) -> Iterator[tuple[_Reader, int, float]]:
+    """Open the decoding backend and read the frame count / fps (OpenCV's when available, as the reference)."""
+    meta: _OpenCVReader | None = None
+    reader: _Reader | None = None
+    errors: list[str] = []
+    have_cv2 = _importable("cv2")
+    have_decord = _importable("decord")
+    if backend == "opencv" and not have_cv2:
+        raise MediaError("video backend 'opencv' needs OpenCV: pip install opencv-python-headless")
+    if backend == "decord" and not have_decord:
+        raise MediaError("video backend 'decord' is not installed: pip install decord, or use backend='opencv'")
+    if not have_cv2 and not have_decord:
+        raise MediaError("decoding videos needs OpenCV or decord: pip install opencv-python-headless")
+    try:
+        if have_cv2:
+            try:
+                meta = _OpenCVReader(path)
+            except MediaError as e:
+                errors.append(str(e))
+        if backend != "opencv" and have_decord:
+            try:
+                candidate = _DecordReader(path)
+            except MediaError as e:
+                errors.append(str(e))
+            else:
+                # decord numbers frames its own way when the container's count is missing or wrong; indices must
+                # mean what they mean to the reference's OpenCV, so only use decord when both agree.
+                if backend == "decord" or meta is None or candidate.frame_count == meta.frame_count:
+                    reader = candidate
+        if reader is None and backend != "decord":
+            reader = meta
+        if reader is None:
+            raise MediaError(
+                f"cannot decode {name}: not a video file, or truncated or corrupt ({'; '.join(errors)}); "
+                "check the file plays, or re-encode it (e.g. ffmpeg -i in -c:v libx264 out.mp4)"
+            )
+        source = meta if meta is not None else reader
+        frame_count, fps = source.frame_count, source.fps
+        if frame_count <= 0:  # e.g. a PNG opened through FFmpeg's image demuxer, or a stream without a count
+            frame_count = reader.frame_count if isinstance(reader, _DecordReader) else 0
+            frame_count = frame_count if frame_count > 0 else (meta or reader).count_frames()  # type: ignore[union-attr]
+        yield reader, frame_count, fps if np.isfinite(fps) else 0.0
+    finally:
+        if reader is not None and reader is not meta:
+            reader.close()
+        if meta is not None:
+            meta.close()
+
+
+def _importable(module: str) -> bool:
+    try:
+        __import__(module)
+    except ImportError:
+        return False
+    return True
+
+
+def _load_file(
+    path: Path,
+    num_frames: int,
+    fps: float,
+    backend: str | None,
+    progress: bool | None,
+    transform: FrameTransform,
+    *,
+    name: str,
+) -> DecodedVideo:
+    if path.stat().st_size == 0:
+        raise MediaError(f"video file is empty: {name}; check the file (an interrupted copy or download?)")
+    with _open_reader(path, backend, name) as (reader, frame_count, video_fps):
+        if fps > 0 and video_fps <= 0:
+            warnings.warn(f"{name} has no frame rate; sampling {num_frames} frames uniformly instead of at {fps} fps")
+            fps = 0.0
+        indices = sample_indices(frame_count, num_frames, fps=fps, video_fps=video_fps)
+        if indices and frame_count - 1 not in indices:
+            # The frame count check of §7.3 b; when the last frame is sampled, decoding it below is the check.
+            frame_count = last_decodable_count(reader.decodable, frame_count)
+            indices = sample_indices(frame_count, num_frames, fps=fps, video_fps=video_fps)
+        decoded: dict[int, PIL.Image.Image] = {}
+        failed: set[int] = set()
+        while indices:
+            todo = sorted(set(indices) - decoded.keys() - failed)
+            with _progress_bar(len(todo), progress, "decoding frames") as bar:
+                for i, frame in reader.read(todo):
+                    if frame is None:
+                        failed.add(i)
+                    else:
+                        decoded[i] = transform(frame)
+                    bar.update(1)
+            if frame_count - 1 not in failed:
+                break
+            # The container's count was too high: the reference's count is the last frame that seeks and decodes.
+            corrected = last_decodable_count(reader.decodable, frame_count)
+            if corrected == frame_count:
+                break
+            frame_count = corrected
+            indices = sample_indices(frame_count, num_frames, fps=fps, video_fps=video_fps)
+        duration = frame_count / video_fps if video_fps > 0 else 0.0
+        return _result(decoded, indices, sorted(failed.intersection(indices)), duration=duration, name=name)
+
+
+def _result(
+    decoded: dict[int, PIL.Image.Image], indices: list[int], failed: Sequence[int], *, duration: float, name: str
+) -> DecodedVideo:
+    kept = [i for i in indices if i in decoded]
+    if not kept:
+        raise MediaError(f"no frame of {name} could be decoded; the file may be truncated or corrupt, re-encode it")
+    if failed:
+        warnings.warn(f"skipped {len(failed)} frame(s) of {name} that failed to decode: {list(failed)}", stacklevel=3)
+    return DecodedVideo(frames=[decoded[i] for i in kept], indices=kept, duration=float(duration), source=name)
+
+
+@contextlib.contextmanager
+def _progress_bar(total: int, progress: bool | None, desc: str) -> Iterator[Any]:
+    from tqdm import tqdm
+
+    show = progress if progress is not None else total > PROGRESS_MIN_FRAMES
+    with tqdm(total=total, desc=desc, unit="frame", file=sys.stderr, disable=not show, leave=False) as bar:
+        yield bar
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# URLs
+
+
+def video_cache_dir() -> Path:
+    """Where downloaded videos are kept: ``$VILA_CACHE/videos``, else ``~/.cache/vila/videos``."""
+    root = os.environ.get("VILA_CACHE")
+    return Path(root).expanduser() / "videos" if root else Path.home() / ".cache" / "vila" / "videos"
+
+
+def cached_video_path(url: str, cache_dir: Path | None = None) -> Path:
+    """``sha256(url)`` plus the URL's extension: stable across runs, safe as a file name."""
+    suffix = Path(urllib.parse.urlsplit(url).path).suffix.lower()
+    suffix = suffix if re.fullmatch(r"\.[a-z0-9]{1,8}", suffix) else ""
+    return (cache_dir or video_cache_dir()) / (hashlib.sha256(url.encode()).hexdigest() + suffix)
+
+
+def download_video(url: str, *, progress: bool | None = None, cache_dir: Path | None = None) -> Path:
+    """Download a video once into the cache; a temporary file is renamed into place only when complete."""
+    target = cached_video_path(url, cache_dir)
+    if target.is_file() and target.stat().st_size > 0:
+        return target
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=target.name + ".", suffix=".part")
+    except OSError as e:
+        raise MediaError(f"cannot write the video cache {target.parent}: {e}; set VILA_CACHE to a writable folder")
+    try:
+        with os.fdopen(fd, "wb") as out:
+            _stream(url, out, progress)
+        os.replace(tmp, target)
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+    return target
+
+
+def _stream(url: str, out: Any, progress: bool | None) -> None:
+    from tqdm import tqdm
+
+    try:
+        request = urllib.request.Request(url, headers={"User-Agent": "vila"})
+        with urllib.request.urlopen(request, timeout=URL_TIMEOUT_S) as response:
+            length = response.headers.get("Content-Length")
+            total = int(length) if length and length.isdigit() else None
+            written = 0
+            with tqdm(
+                total=total, desc="downloading video", unit="B", unit_scale=True, file=sys.stderr,
+                disable=progress is False, leave=False,
+            ) as bar:  # fmt: skip
+                while chunk := response.read(DOWNLOAD_CHUNK):
+                    out.write(chunk)
+                    written += len(chunk)
+                    bar.update(len(chunk))
+    except (urllib.error.URLError, OSError, ValueError) as e:
+        reason = getattr(e, "reason", None) or e
+        raise MediaError(f"cannot download {url}: {reason}; check the URL and your network, or pass a local file") from e
+    except Exception as e:  # http.client.IncompleteRead and other protocol errors
+        raise MediaError(f"download of {url} failed: {e}; try again, or download the file yourself") from e
+    if written == 0:
+        raise MediaError(f"{url} returned no data; check the URL")
+    if total is not None and written != total:
+        raise MediaError(f"download of {url} stopped after {written} of {total} bytes; try again")
