@@ -163,12 +163,11 @@ def run(args: argparse.Namespace) -> int:
     prompt = build_prompt(args.text, args.media)  # checks media kinds before the (slow) model load
 
     import vila
+    from .media import Video
 
     model = vila.load(
         args.model_path, device=args.device, dtype=args.dtype, conv_mode=args.conv_mode, revision=args.revision, cache_dir=args.cache_dir
     )
-    if args.video_max_tiles is not None:
-        model.config = model.config.with_overrides(video_max_tiles=args.video_max_tiles)
     sampling = args.temperature is not None and args.temperature > 0
     result = model.generate(
         prompt,
@@ -179,15 +178,12 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
         num_video_frames=args.num_video_frames,
         fps=args.fps,
+        video_max_tiles=args.video_max_tiles,
     )
     text = result.text
-    cfg = model.config
-    if result.video_durations and cfg.num_time_tokens is not None and cfg.time_token_format is not None:
-        from .video import rewrite_time_tokens
-
-        text = rewrite_time_tokens(
-            text, duration=result.video_durations[-1], num_time_tokens=cfg.num_time_tokens, time_token_format=cfg.time_token_format
-        )
+    if any(isinstance(part, Video) and not os.path.isdir(part.source) for part in prompt):
+        # Like the reference CLI: time tokens of answers about a video file become seconds (spec §7.6).
+        text = model.decode_time_tokens(text, result.video_durations)
     print(text, flush=True)
     return 0
 

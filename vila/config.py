@@ -76,13 +76,23 @@ class ProcessorConfig:
     do_resize: bool = True
     do_rescale: bool = True
     do_normalize: bool = True
-    kind: str = "siglip"  # "siglip" | "intern"
+    kind: str = "siglip"  # "siglip" | "intern" | "ps3"
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], default_size: int) -> ProcessorConfig:
         ptype = d.get("image_processor_type", "SiglipImageProcessor")
         if ptype == "InternVisionPreprocessor":
             return cls(size=default_size, image_mean=(0.485, 0.456, 0.406), image_std=(0.229, 0.224, 0.225), kind="intern")
+        if ptype == "PS3ImageProcessor":
+            # Squash resize to `image_size`; mean/std from its own `mean`/`std` keys, else the OpenAI CLIP
+            # constants (spec vila_hd.md §12.1). ToTensor + Normalize equal the SigLIP path bit for bit.
+            side = d.get("image_size") or default_size
+            side = side[0] if isinstance(side, (list, tuple)) else side
+            mean = d.get("mean") or (0.48145466, 0.4578275, 0.40821073)
+            std = d.get("std") or (0.26862954, 0.26130258, 0.27577711)
+            mean = tuple(mean) if isinstance(mean, (list, tuple)) else (float(mean),) * 3
+            std = tuple(std) if isinstance(std, (list, tuple)) else (float(std),) * 3
+            return cls(size=int(side), image_mean=mean, image_std=std, kind="ps3")
         size = d.get("size") or {}
         if isinstance(size, dict):
             h, w = size.get("height", default_size), size.get("width", default_size)
@@ -142,6 +152,36 @@ class VisionConfig:
 
 
 @dataclass(frozen=True)
+class TopDownConfig:
+    """VILA-HD (``llava_topdown_llama`` + PS3 tower) settings of ``config.json`` (spec vila_hd.md §12.1). The
+    PS3 tower's own settings are parsed from ``vision.raw`` by :mod:`vila.model.ps3`."""
+
+    look_close_mode: str | None  # "after_prompt" | "after_image" | None (generation then needs one)
+    num_look_close: int = 1
+    num_token_look_close: int | None = None
+    prompt_head_type: str = "linear"  # top_down_prompt_head: "linear" | "mlp"
+    high_res_pos_embed: bool = False
+
+    @classmethod
+    def parse(cls, top: dict[str, Any]) -> TopDownConfig:
+        if not (top.get("ps3") and "topdown" in str(top.get("model_type", ""))):
+            raise UnsupportedModelError(
+                "config.json: VILA-HD needs both model_type llava_topdown_llama and ps3: true; this mix is not supported"
+            )
+        head = top.get("top_down_prompt_head_type") or "linear"
+        if head not in ("linear", "mlp"):
+            raise UnsupportedModelError(f"config.json: unknown top_down_prompt_head_type {head!r}; supported: linear, mlp")
+        token = top.get("num_token_look_close")
+        return cls(
+            look_close_mode=top.get("look_close_mode"),
+            num_look_close=_int(top, "num_look_close", 1),
+            num_token_look_close=None if token is None else int(token),
+            prompt_head_type=head,
+            high_res_pos_embed=bool(top.get("high_res_pos_embed", False)),
+        )
+
+
+@dataclass(frozen=True)
 class VilaConfig:
     """Everything inference needs from a checkpoint, parsed once."""
 
@@ -168,6 +208,7 @@ class VilaConfig:
     video_encoder: EncoderConfig = EncoderConfig("basic_video")
     training_conv_version: str | None = None  # the training run's ``--version`` (a conv-mode name), if saved
     name_or_path: str = ""
+    top_down: TopDownConfig | None = None  # set for VILA-HD checkpoints only
 
     def with_overrides(self, **changes: Any) -> VilaConfig:
         """A copy with per-request settings changed (num_video_frames, fps, video_max_tiles...)."""
@@ -361,4 +402,5 @@ def config_from_dicts(
         video_encoder=EncoderConfig.parse(top.get("video_encoder"), "llava.model.encoders.BasicVideoEncoder"),
         training_conv_version=top.get("version") if isinstance(top.get("version"), str) else None,
         name_or_path=str(top.get("_name_or_path") or ""),
+        top_down=TopDownConfig.parse(top) if kind == "ps3" or "topdown" in model_type else None,
     )

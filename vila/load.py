@@ -42,8 +42,6 @@ def load(
         raise UnsupportedModelError(
             f"config.json: unknown image_aspect_ratio {cfg.image_aspect_ratio!r}; supported: resize, pad, dynamic, dynamic_s2"
         )
-    if cfg.vision.kind == "ps3" or cfg.model_type == "llava_topdown_llama":
-        raise UnsupportedModelError(f"{root}: VILA-HD (PS3 vision tower) checkpoints are not supported yet")
     if cfg.image_aspect_ratio == "pad" and cfg.processor.kind == "intern":
         raise UnsupportedModelError("image_aspect_ratio 'pad' cannot be used with the InternViT tower (it has no image mean)")
 
@@ -63,6 +61,10 @@ def load(
         )
     llm = load_llm(cfg, dt, device_map if device_map is not None else {"": dev})
     first = llm.get_input_embeddings().weight.device
+    if cfg.top_down is not None:  # VILA-HD: PS3 tower + top-down projector (spec vila_hd.md)
+        from .model.vila_hd import load_vila_hd
+
+        return load_vila_hd(cfg, tokenizer, llm, dt, first, conv_mode)
     tower = build_tower(cfg.vision, cfg.vision_dir, dt, first).eval()
     projector = load_projector(cfg, cfg.projector_dir, dt, first)
     return VilaModel(cfg, tokenizer, llm, tower, projector, conv_mode)

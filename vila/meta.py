@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config import VilaConfig, config_from_dicts, read_json
+from .config import VilaConfig, check_model_type, config_from_dicts, read_json
 from .errors import CheckpointError, UnsupportedModelError
 from .model.projector import MultimodalProjector
 
@@ -115,9 +115,11 @@ def build_meta(
 def meta_from_folder(root: str | Path) -> MetaVila:
     """:func:`build_meta` from a checkpoint folder's JSON files only (weights are not read)."""
     root = Path(root)
+    top = read_json(root / "config.json")
+    check_model_type(top, root)  # before reading component folders a single-folder layout does not have
     pre = root / "vision_tower" / "preprocessor_config.json"
     return build_meta(
-        read_json(root / "config.json"),
+        top,
         read_json(root / "llm" / "config.json"),
         read_json(root / "vision_tower" / "config.json"),
         read_json(root / "mm_projector" / "config.json"),

@@ -172,6 +172,18 @@ def preprocess_images(images: list[PIL.Image.Image], cfg: VilaConfig) -> ImageBa
 
 
 def preprocess_frames(frames: list[PIL.Image.Image], cfg: VilaConfig) -> torch.Tensor:
-    """Video frames -> ``(T, 3, s, s)``: each frame like an image of a multi-image prompt (spec §5.8 item 4)."""
+    """Video frames -> ``(T', 3, s, s)``.
+
+    By default each frame is one tile, like an image of a multi-image prompt (spec §5.8 item 4). With
+    ``video_max_tiles > 1`` dynamic-resolution models tile every frame (spec §7.4): ``dynamic`` with at most
+    ``video_max_tiles`` tiles, ``dynamic_s2`` with the image tiler (whose limit is ``max_tiles``, quirk #22);
+    the tiles of all frames are then encoded as independent frames, as in the reference.
+    """
     proc, mode = cfg.processor, cfg.image_aspect_ratio
-    return to_pixels([single_tile(f, mode, proc) for f in frames], proc)
+    if cfg.video_max_tiles > 1 and mode == "dynamic":
+        tiles = [t for f in frames for t in dynamic_tiles(f, proc.size, cfg.min_tiles, cfg.video_max_tiles)]
+    elif cfg.video_max_tiles > 1 and mode == "dynamic_s2":
+        tiles = [t for f in frames for t in dynamic_s2_tiles(f, cfg.vision.scales, cfg.max_tiles)[0]]
+    else:
+        tiles = [single_tile(f, mode, proc) for f in frames]
+    return to_pixels(tiles, proc)

@@ -135,24 +135,26 @@ def detect_conv_mode(
     """Pick the template a checkpoint was trained with, so users never need ``--conv-mode``.
 
     Order: the reference's substring rules on the path as given (so every released hub id behaves as in
-    the reference); then the tokenizer's chat template (NVILA); then the training run's saved ``version``
-    (a conv-mode name, present in checkpoints written by the training code); then the tokenizer's vocabulary
-    (``<|eot_id|>``: Llama-3 -> ``llama_3``; ``<|im_start|>``: Yi -> ``hermes-2``; otherwise the Llama-2 era
-    ``vicuna_v1``). The last two make renamed local copies work, where the reference silently falls back to
-    a template the model never saw.
+    the reference); then a Llama-3 vocabulary (``<|eot_id|>``) -> ``llama_3``, checked before the chat template
+    because Llama-3-VILA1.5-8B's tokenizer ships Llama-3-Instruct's template but was trained with ``llama_3``
+    (every released Llama-3 VILA has ``llama-3`` or ``vila1.5-8b`` in its id); then the tokenizer's chat
+    template (NVILA, LongVILA); then the training run's saved ``version`` (a conv-mode name, present in
+    checkpoints written by the training code); then ``<|im_start|>`` without a chat template: Yi ->
+    ``hermes-2``; otherwise the Llama-2 era ``vicuna_v1``. The vocabulary rules make renamed local copies work,
+    where the reference silently falls back to a template the model never saw.
     """
     lowered = path.lower()
     for key, mode in NAME_RULES:
         if key in lowered:
             return mode
+    if "<|eot_id|>" in vocab_markers:
+        return "llama_3"
     if has_chat_template:
         return "auto"
     if training_version:
         key = ALIASES.get(training_version, training_version)
         if key in TEMPLATES and key not in ("auto", "plain"):
             return key
-    if "<|eot_id|>" in vocab_markers:
-        return "llama_3"
     if "<|im_start|>" in vocab_markers:
         return "hermes-2"
     return "vicuna_v1"

@@ -202,7 +202,9 @@ def _load_path(
     if path.is_dir():
         return _load_frame_dir(path, num_frames, progress, transform)
     if not path.is_file():
-        raise MediaError(f"{path} is not a regular file (a pipe or device?); pass a video file or a directory of frames")
+        raise MediaError(
+            f"{path} is not a regular file (a pipe or device?); pass a video file or a directory of frames"
+        )
     return _load_file(path, num_frames, fps, backend, progress, transform, name=str(path))
 
 
@@ -236,9 +238,7 @@ def list_frame_files(directory: Path) -> list[Path]:
     skipped, extensions compared case-insensitively."""
     extensions = _image_extensions()
     files = [
-        p
-        for p in directory.iterdir()
-        if not p.name.startswith(".") and p.suffix.lower() in extensions and p.is_file()
+        p for p in directory.iterdir() if not p.name.startswith(".") and p.suffix.lower() in extensions and p.is_file()
     ]
     return sorted(files, key=lambda p: natural_key(p.name))
 
@@ -296,6 +296,8 @@ class _Reader(Protocol):
     """A decoder positioned on one file. ``read`` yields each requested index with its RGB image, or None."""
 
     name: str
+    frame_count: int
+    fps: float
 
     def decodable(self, index: int) -> bool: ...
 
@@ -313,7 +315,8 @@ class _OpenCVReader:
         import cv2
 
         self._cv2 = cv2
-        self._cap = cv2.VideoCapture(str(path), cv2.CAP_FFMPEG)
+        self._path = str(path)
+        self._cap = cv2.VideoCapture(self._path, cv2.CAP_FFMPEG)
         if not self._cap.isOpened():
             self._cap.release()
             raise MediaError(f"{path} is not a video OpenCV can open")
@@ -330,13 +333,16 @@ class _OpenCVReader:
         return ok
 
     def count_frames(self) -> int:
-        """Count by decoding, for containers without a usable frame count."""
-        self._cap.set(self._cv2.CAP_PROP_POS_FRAMES, 0)
-        count = 0
-        while count < MAX_COUNTED_FRAMES and self._cap.grab():
-            count += 1
-        self._next = None
-        return count
+        """Count by decoding, for containers without a usable frame count. A second capture does the counting:
+        some demuxers (a still image) cannot seek back after the end."""
+        counter = self._cv2.VideoCapture(self._path, self._cv2.CAP_FFMPEG)
+        try:
+            count = 0
+            while count < MAX_COUNTED_FRAMES and counter.grab():
+                count += 1
+            return count
+        finally:
+            counter.release()
 
     def read(self, indices: Sequence[int]) -> Iterator[tuple[int, PIL.Image.Image | None]]:
         cap, cv2 = self._cap, self._cv2
@@ -425,7 +431,7 @@ def _open_reader(path: Path, backend: str | None, name: str) -> Iterator[tuple[_
     """Open the decoding backend and read the frame count / fps (OpenCV's when available, as the reference)."""
     meta: _OpenCVReader | None = None
     reader: _Reader | None = None
-    errors: list[str] = []
+    failed: list[str] = []  # backends that cannot open the file
     have_cv2 = _importable("cv2")
     have_decord = _importable("decord")
     if backend == "opencv" and not have_cv2:
@@ -438,30 +444,34 @@ def _open_reader(path: Path, backend: str | None, name: str) -> Iterator[tuple[_
         if have_cv2:
             try:
                 meta = _OpenCVReader(path)
-            except MediaError as e:
-                errors.append(str(e))
+            except MediaError:
+                failed.append("OpenCV")
         if backend != "opencv" and have_decord:
             try:
                 candidate = _DecordReader(path)
-            except MediaError as e:
-                errors.append(str(e))
+            except MediaError:
+                failed.append("decord")
             else:
                 # decord numbers frames its own way when the container's count is missing or wrong; indices must
                 # mean what they mean to the reference's OpenCV, so only use decord when both agree.
                 if backend == "decord" or meta is None or candidate.frame_count == meta.frame_count:
                     reader = candidate
+                else:
+                    candidate.close()
         if reader is None and backend != "decord":
             reader = meta
         if reader is None:
             raise MediaError(
-                f"cannot decode {name}: not a video file, or truncated or corrupt ({'; '.join(errors)}); "
-                "check the file plays, or re-encode it (e.g. ffmpeg -i in -c:v libx264 out.mp4)"
+                f"cannot decode {name}: not a video, or truncated or corrupt ({' and '.join(failed)} cannot open it); "
+                "check that it plays, or re-encode it (e.g. ffmpeg -i in.mp4 -c:v libx264 out.mp4)"
             )
-        source = meta if meta is not None else reader
-        frame_count, fps = source.frame_count, source.fps
-        if frame_count <= 0:  # e.g. a PNG opened through FFmpeg's image demuxer, or a stream without a count
-            frame_count = reader.frame_count if isinstance(reader, _DecordReader) else 0
-            frame_count = frame_count if frame_count > 0 else (meta or reader).count_frames()  # type: ignore[union-attr]
+        frame_count, fps = (meta.frame_count, meta.fps) if meta is not None else (reader.frame_count, reader.fps)
+        if frame_count <= 0:
+            # No usable count (a PNG through FFmpeg's image demuxer, a stream without one): the reference stops with
+            # "no frames"; decord's own count, else counting by decoding, makes such a file usable.
+            frame_count = reader.frame_count if reader is not meta else 0
+            if frame_count <= 0 and meta is not None:
+                frame_count = meta.count_frames()
         yield reader, frame_count, fps if np.isfinite(fps) else 0.0
     finally:
         if reader is not None and reader is not meta:
@@ -492,7 +502,10 @@ def _load_file(
         raise MediaError(f"video file is empty: {name}; check the file (an interrupted copy or download?)")
     with _open_reader(path, backend, name) as (reader, frame_count, video_fps):
         if fps > 0 and video_fps <= 0:
-            warnings.warn(f"{name} has no frame rate; sampling {num_frames} frames uniformly instead of at {fps} fps")
+            warnings.warn(
+                f"{name} has no frame rate; sampling {num_frames} frames uniformly instead of at {fps} fps",
+                stacklevel=3,
+            )
             fps = 0.0
         indices = sample_indices(frame_count, num_frames, fps=fps, video_fps=video_fps)
         if indices and frame_count - 1 not in indices:
@@ -568,7 +581,9 @@ def download_video(url: str, *, progress: bool | None = None, cache_dir: Path | 
         target.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=target.name + ".", suffix=".part")
     except OSError as e:
-        raise MediaError(f"cannot write the video cache {target.parent}: {e}; set VILA_CACHE to a writable folder")
+        raise MediaError(
+            f"cannot write the video cache {target.parent}: {e}; set VILA_CACHE to a writable folder"
+        ) from e
     try:
         with os.fdopen(fd, "wb") as out:
             _stream(url, out, progress)
@@ -588,17 +603,25 @@ def _stream(url: str, out: Any, progress: bool | None) -> None:
             length = response.headers.get("Content-Length")
             total = int(length) if length and length.isdigit() else None
             written = 0
+            show = progress is not False
             with tqdm(
-                total=total, desc="downloading video", unit="B", unit_scale=True, file=sys.stderr,
-                disable=progress is False, leave=False,
-            ) as bar:  # fmt: skip
+                total=total,
+                desc="downloading video",
+                unit="B",
+                unit_scale=True,
+                file=sys.stderr,
+                disable=not show,
+                leave=False,
+            ) as bar:
                 while chunk := response.read(DOWNLOAD_CHUNK):
                     out.write(chunk)
                     written += len(chunk)
                     bar.update(len(chunk))
     except (urllib.error.URLError, OSError, ValueError) as e:
         reason = getattr(e, "reason", None) or e
-        raise MediaError(f"cannot download {url}: {reason}; check the URL and your network, or pass a local file") from e
+        raise MediaError(
+            f"cannot download {url}: {reason}; check the URL and your network, or pass a local file"
+        ) from e
     except Exception as e:  # http.client.IncompleteRead and other protocol errors
         raise MediaError(f"download of {url} failed: {e}; try again, or download the file yourself") from e
     if written == 0:

@@ -145,10 +145,11 @@ class VilaModel(nn.Module):
         template: Template | None = None,
         num_video_frames: int | None = None,
         fps: float | None = None,
+        video_max_tiles: int | None = None,
     ) -> PreparedPrompt:
         """Decode and encode the media of a conversation and build the LLM input embeddings."""
         template = template or self.template
-        cfg = self.config
+        cfg = self.config if video_max_tiles is None else self.config.with_overrides(video_max_tiles=video_max_tiles)
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
 
@@ -233,6 +234,11 @@ class VilaModel(nn.Module):
         kind_of = {self.media_token_ids["image"]: "image", self.media_token_ids["video"]: "video"}
         queues = {"image": deque(image_blocks), "video": deque(video_blocks)}
         is_media = torch.isin(input_ids, torch.tensor(list(kind_of)))
+        rows = self.llm.get_input_embeddings().num_embeddings
+        unknown = (input_ids >= rows) & ~is_media
+        if unknown.any():
+            token = self.tokenizer.convert_ids_to_tokens(int(input_ids[unknown][0]))
+            raise UsageError(f"the prompt contains {token!r}, a token this model has no embedding for; remove it from the text")
         # Media ids may lie beyond the embedding table (added tokens); their rows are never used.
         safe_ids = input_ids.masked_fill(is_media, 0).to(self._embed_device)
         with torch.no_grad():
@@ -298,17 +304,23 @@ class VilaModel(nn.Module):
         conv_mode: str | None = None,
         num_video_frames: int | None = None,
         fps: float | None = None,
+        video_max_tiles: int | None = None,
+        decode_time_tokens: bool = False,
         streamer: Any = None,
         logits_processor: Any = None,
     ) -> GenerationResult:
         """Like :meth:`generate_content`, returning token ids, counts and timings as well."""
         validate_generation_args(max_new_tokens, temperature, top_p, top_k, num_video_frames, fps)
+        if video_max_tiles is not None and (not isinstance(video_max_tiles, int) or video_max_tiles < 1):
+            raise UsageError(f"video_max_tiles must be a positive integer, got {video_max_tiles!r}")
         if temperature is not None and temperature == 0:
             do_sample = False
         template = get_template(conv_mode) if conv_mode else self.template
         stop_ids = infer_stop_token_ids(self.tokenizer, template) if conv_mode else self.stop_token_ids
         turns = to_turns(prompt)
-        prepared = self.prepare(turns, template=template, num_video_frames=num_video_frames, fps=fps)
+        prepared = self.prepare(
+            turns, template=template, num_video_frames=num_video_frames, fps=fps, video_max_tiles=video_max_tiles
+        )
         n = prepared.inputs_embeds.shape[0]
         if n >= self.context_length:
             media = ", ".join(str(m) for m in prepared.media_tokens) or "none"
@@ -343,6 +355,8 @@ class VilaModel(nn.Module):
         timings = dict(prepared.timings, generate_s=time.perf_counter() - t0)
         ids = out[0].tolist()
         text = self.tokenizer.decode(ids, skip_special_tokens=True).strip()
+        if decode_time_tokens:
+            text = self.decode_time_tokens(text, prepared.video_durations)
         return GenerationResult(
             text=text,
             token_ids=ids,
@@ -352,13 +366,31 @@ class VilaModel(nn.Module):
             timings=timings,
         )
 
+    def decode_time_tokens(self, text: str, video_durations: Sequence[float]) -> str:
+        """Rewrite time tokens ``<tK>`` to seconds of the last video, as the reference CLI does (spec §7.6).
+
+        A no-op for checkpoints without time tokens and for prompts without a video.
+        """
+        cfg = self.config
+        if not video_durations or cfg.num_time_tokens is None or cfg.time_token_format is None:
+            return text
+        from ..video import rewrite_time_tokens
+
+        return rewrite_time_tokens(
+            text,
+            duration=video_durations[-1],
+            num_time_tokens=cfg.num_time_tokens,
+            time_token_format=cfg.time_token_format,
+        )
+
     def generate_content(self, prompt: Any, **kwargs: Any) -> str:
         """Answer a prompt: a string, or a list of strings, :class:`vila.Image`, :class:`vila.Video` and PIL
         images in the order they should appear (or a list of ``{"role", "content"}`` turns).
 
         Greedy by default, like the reference. Keyword arguments: ``max_new_tokens``, ``do_sample``,
         ``temperature``, ``top_p``, ``top_k``, ``seed``, ``generation_config`` (a ``transformers.GenerationConfig``,
-        used as is), ``conv_mode``, ``num_video_frames``, ``fps``.
+        used as is), ``conv_mode``, ``num_video_frames``, ``fps``, ``video_max_tiles``, ``decode_time_tokens``
+        (rewrite time tokens ``<tK>`` of video answers to seconds, as ``vila-infer`` does).
         """
         return self.generate(prompt, **kwargs).text
 

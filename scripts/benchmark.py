@@ -1,0 +1,937 @@
+#!/usr/bin/env python
+"""Speed and memory benchmark for vila that anyone can rerun.
+
+It runs on a tiny test checkpoint, on any local checkpoint, or on a *real-size architecture with random
+weights* (shapes define the cost, so nothing is downloaded): the published NVILA configs in
+``tests/fixtures/hf_configs`` are written to a temporary folder as a real checkpoint (config.json, llm/,
+vision_tower/, mm_projector/, sharded safetensors, the tiny fixture's tokenizer) and loaded through
+``vila.load`` like any other.
+
+    python scripts/benchmark.py                                  # tiny NVILA, every CPU sub-benchmark
+    python scripts/benchmark.py --model nvila-lite-2b --runs 3   # NVILA-Lite-2B size, random weights
+    python scripts/benchmark.py --model nvila-8b --device cuda --json bench.json
+    python scripts/benchmark.py --only preprocess,vision --runs 10
+
+Every figure is the median of ``--runs`` runs after ``--warmup`` runs, printed with min/max. Optimisations
+are shown next to the straightforward code they replace, measured in the same process (ratio ours/baseline),
+because shared machines are noisy. Each stage is also set against a lower bound measured on this machine
+(matmul rate for FLOP-bound stages, memory bandwidth for decoding).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib.util
+import json
+import math
+import os
+import platform
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import PIL.Image
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+FIXTURES = REPO / "tests" / "fixtures"
+TINY = FIXTURES / "tiny"
+HF_CONFIGS = FIXTURES / "hf_configs"
+SUB_BENCHMARKS = ("load", "request", "preprocess", "vision", "cache", "static")
+IMAGE_SIZE = (1344, 896)  # the issue's preprocessing case: a 3:2 photo (dynamic_s2: 1 + 4 + 12 tiles)
+PROMPT = "Describe the image in detail."
+
+
+# -- real-size architectures -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Arch:
+    """A real-size architecture: the published component configs on top of a tiny fixture's top config."""
+
+    tiny: str  # fixture whose top config.json (mode flags), tokenizer and preprocessor config are reused
+    llm: Callable[[], dict[str, Any]]
+    vision: Callable[[], dict[str, Any]]
+    projector: Callable[[], dict[str, Any]]
+    about: str
+
+
+def _json(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text())
+
+
+def _nvila8b(key: str) -> Callable[[], dict[str, Any]]:
+    return lambda: _json(HF_CONFIGS / "Efficient-Large-Model__NVILA-8B" / "config.json")[key]
+
+
+ARCHS = {
+    "nvila-lite-2b": Arch(
+        tiny="nvila-lite-tiny",
+        llm=lambda: _json(HF_CONFIGS / "Efficient-Large-Model__qwen2-1.5b-longvila-256f/llm/config.json"),
+        vision=lambda: _json(HF_CONFIGS / "Efficient-Large-Model__NVILA-Lite-2B-hf-preview/vision_tower/config.json"),
+        projector=lambda: _json(HF_CONFIGS / "Efficient-Large-Model__NVILA-Lite-2B-hf-preview/mm_projector/config.json"),
+        about="NVILA-Lite-2B size: SigLIP-so400m 448px (27 layers), mlp_downsample_3x3_fix, Qwen2.5-1.5B-shaped LLM, dynamic tiling",
+    ),
+    "nvila-8b": Arch(
+        tiny="nvila-tiny",
+        llm=_nvila8b("llm_cfg"),
+        vision=_nvila8b("vision_tower_cfg"),
+        projector=_nvila8b("mm_projector_cfg"),
+        about="NVILA-8B size: SigLIP-so400m 448px, mlp_downsample, Qwen2-7B-shaped LLM, dynamic_s2 (448/896/1344)",
+    ),
+}
+
+
+def skeleton_checkpoint(arch: str, root: Path) -> Path:
+    """Write an architecture's configs and the tiny fixture's tokenizer to ``root`` (no weights yet)."""
+    spec = ARCHS[arch]
+    tiny = TINY / spec.tiny
+    llm, vision, projector = spec.llm(), spec.vision(), spec.projector()
+    top = _json(tiny / "config.json")
+    top.update(llm_cfg=llm, vision_tower_cfg=vision, mm_projector_cfg=projector, hidden_size=llm["hidden_size"])
+    scales = len(str(top.get("s2_scales", "")).split(",")) if top.get("dynamic_s2") or top.get("s2") else 1
+    top["mm_hidden_size"] = vision["hidden_size"] * scales
+    top["_name_or_path"] = f"random-weights/{arch}"
+    for name in ("llm", "vision_tower", "mm_projector"):
+        (root / name).mkdir(parents=True, exist_ok=True)
+    (root / "config.json").write_text(json.dumps(top, indent=2) + "\n")
+    (root / "llm" / "config.json").write_text(json.dumps(llm, indent=2) + "\n")
+    (root / "vision_tower" / "config.json").write_text(json.dumps(vision, indent=2) + "\n")
+    (root / "mm_projector" / "config.json").write_text(json.dumps(projector, indent=2) + "\n")
+    shutil.copy(tiny / "vision_tower" / "preprocessor_config.json", root / "vision_tower")
+    # The tiny tokenizer covers the first ~1.2k ids; the LLM's larger vocabulary is padding it never emits.
+    for f in (tiny / "llm").iterdir():
+        if f.name not in ("config.json", "model.safetensors", "generation_config.json"):
+            shutil.copy(f, root / "llm" / f.name)
+    return root
+
+
+def component_modules(root: Path) -> dict[str, torch.nn.Module]:
+    """The three components built on the meta device (names and shapes of every saved tensor)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, SiglipVisionConfig, SiglipVisionModel
+
+    from vila.config import parse_config
+    from vila.model.projector import MultimodalProjector
+
+    cfg = parse_config(root)
+    with torch.device("meta"):
+        llm = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(cfg.llm_dir))
+        raw = {k: v for k, v in cfg.vision.raw.items() if k not in ("architectures", "_name_or_path")}
+        tower = SiglipVisionModel(SiglipVisionConfig(**raw))
+        projector = MultimodalProjector(cfg.projector_type, cfg.vision.mm_hidden_size, cfg.llm_hidden_size)
+    return {"llm": llm, "vision_tower": tower, "mm_projector": projector}
+
+
+def saved_tensors(module: torch.nn.Module, tied: bool) -> dict[str, tuple[tuple[int, ...], str]]:
+    """``name -> (shape, init)`` for every tensor a checkpoint of ``module`` holds."""
+    kinds: dict[str, str] = {}
+    for mname, mod in module.named_modules():
+        for pname, _ in mod.named_parameters(recurse=False):
+            full = f"{mname}.{pname}" if mname else pname
+            if pname == "bias":
+                kinds[full] = "zeros"
+            elif "Norm" in type(mod).__name__:
+                kinds[full] = "ones"
+            else:
+                kinds[full] = "normal"
+    out = {}
+    for name, t in module.state_dict().items():
+        if tied and name == "lm_head.weight":
+            continue
+        if name in kinds:
+            out[name] = (tuple(t.shape), kinds[name])
+    return out
+
+
+def random_tensor(shape: tuple[int, ...], init: str, dtype: torch.dtype, gen: torch.Generator) -> torch.Tensor:
+    if init == "ones":
+        return torch.ones(shape, dtype=dtype)
+    if init == "zeros":
+        return torch.zeros(shape, dtype=dtype)
+    # Small weights keep activations finite through dozens of layers; the values do not matter for speed.
+    return torch.empty(shape, dtype=torch.float32).normal_(0.0, 0.02, generator=gen).to(dtype)
+
+
+def write_random_weights(
+    root: Path, dtype: torch.dtype, shard_bytes: int = 2 << 30, seed: int = 0
+) -> dict[str, int]:
+    """Random safetensors for every component of a skeleton checkpoint, sharded like ``save_pretrained``."""
+    from safetensors.torch import save_file
+
+    gen = torch.Generator().manual_seed(seed)
+    sizes = {}
+    for folder, module in component_modules(root).items():
+        tied = bool(getattr(getattr(module, "config", None), "tie_word_embeddings", False))
+        tensors = saved_tensors(module, tied)
+        shards: list[list[str]] = [[]]
+        used = 0
+        for name, (shape, _) in tensors.items():
+            n = math.prod(shape) * dtype.itemsize
+            if shards[-1] and used + n > shard_bytes:
+                shards.append([])
+                used = 0
+            shards[-1].append(name)
+            used += n
+        index, total = {}, 0
+        for i, names in enumerate(shards):
+            fname = "model.safetensors" if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            state = {n: random_tensor(tensors[n][0], tensors[n][1], dtype, gen) for n in names}
+            total += sum(t.numel() * t.element_size() for t in state.values())
+            save_file(state, root / folder / fname, metadata={"format": "pt"})
+            index.update(dict.fromkeys(names, fname))
+            del state
+        if len(shards) > 1:
+            meta = {"metadata": {"total_size": total}, "weight_map": index}
+            (root / folder / "model.safetensors.index.json").write_text(json.dumps(meta, indent=2))
+        sizes[folder] = total
+    return sizes
+
+
+def checkpoint_weight_bytes(root: Path, dtype: torch.dtype | None = None) -> int:
+    """Bytes of every saved tensor (read from the safetensors headers), counted at ``dtype`` if given."""
+    from safetensors import safe_open
+
+    total = 0
+    for f in sorted(root.glob("*/*.safetensors")):
+        with safe_open(f, framework="pt") as st:
+            for name in st.keys():
+                s = st.get_slice(name)
+                itemsize = dtype.itemsize if dtype is not None else _SAFETENSORS_ITEMSIZE[s.get_dtype()]
+                total += math.prod(s.get_shape()) * itemsize
+    return total
+
+
+_SAFETENSORS_ITEMSIZE = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8, "I64": 8, "I32": 4, "U8": 1, "I8": 1, "BOOL": 1}
+
+
+def materialize(name: str, workdir: Path, dtype: torch.dtype) -> Path:
+    """A tiny fixture name, an architecture name (written once per dtype into ``workdir``) or a path."""
+    if (TINY / name).is_dir():
+        return TINY / name
+    if name in ARCHS:
+        root = workdir / f"{name}-{str(dtype).removeprefix('torch.')}"
+        if not (root / ".complete").exists():
+            shutil.rmtree(root, ignore_errors=True)
+            skeleton_checkpoint(name, root)
+            t0 = time.perf_counter()
+            sizes = write_random_weights(root, dtype)
+            gb = sum(sizes.values()) / 1e9
+            print(f"# wrote {name} with random {dtype} weights ({gb:.2f} GB) in {time.perf_counter() - t0:.0f} s to {root}")
+            (root / ".complete").write_text("ok\n")
+        return root
+    path = Path(name).expanduser()
+    if not (path / "config.json").exists():
+        known = ", ".join(sorted(ARCHS) + sorted(p.name for p in TINY.iterdir()))
+        raise SystemExit(f"--model {name!r}: not a checkpoint folder; use a path or one of: {known}")
+    return path
+
+
+# -- measuring -------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Stat:
+    """Median / min / max of repeated measurements (seconds unless ``unit`` says otherwise)."""
+
+    median: float
+    min: float
+    max: float
+    n: int
+    unit: str = "s"
+
+    @classmethod
+    def of(cls, values: list[float], unit: str = "s") -> Stat:
+        return cls(statistics.median(values), min(values), max(values), len(values), unit)
+
+    def fmt(self) -> str:
+        if self.unit == "s":
+            med, lo, hi = (_secs(v) for v in (self.median, self.min, self.max))
+        else:
+            med, lo, hi = (f"{v:.4g}" for v in (self.median, self.min, self.max))
+            med += f" {self.unit}"
+        return f"{med:>11}  [{lo} .. {hi}]" if self.n > 1 else f"{med:>11}"
+
+
+def _secs(v: float) -> str:
+    if v >= 1:
+        return f"{v:.3f} s"
+    if v >= 1e-3:
+        return f"{v * 1e3:.2f} ms"
+    return f"{v * 1e6:.1f} us"
+
+
+class Timer:
+    """Wall time of a block, synchronising the accelerator before and after."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        elif self.device.type == "mps":
+            torch.mps.synchronize()
+
+    @contextlib.contextmanager
+    def __call__(self) -> Iterator[list[float]]:
+        out: list[float] = []
+        self.sync()
+        t0 = time.perf_counter()
+        yield out
+        self.sync()
+        out.append(time.perf_counter() - t0)
+
+
+def repeat(fn: Callable[[], Any], timer: Timer, runs: int, warmup: int) -> tuple[Stat, Any]:
+    """Median of ``runs`` timed calls after ``warmup`` untimed ones; also returns the last result."""
+    result = None
+    for _ in range(warmup):
+        result = fn()
+    times = []
+    for _ in range(runs):
+        with timer() as t:
+            result = fn()
+        times.append(t[0])
+    return Stat.of(times), result
+
+
+@dataclass
+class Report:
+    """Every figure of a benchmark run, printed as it comes and saved as JSON at the end."""
+
+    machine: dict[str, Any]
+    setup: dict[str, Any]
+    sections: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def add(self, section: str, name: str, value: Any, note: str = "") -> None:
+        self.sections.setdefault(section, {})[name] = asdict(value) if isinstance(value, Stat) else value
+        shown = value.fmt() if isinstance(value, Stat) else (f"{value:.4g}" if isinstance(value, float) else str(value))
+        print(f"  {name:<44} {shown}{'   ' + note if note else ''}", flush=True)
+
+    def ratio(self, section: str, name: str, ours: Stat, base: Stat) -> float:
+        r = ours.median / base.median
+        self.add(section, name, round(r, 4), f"(ours/baseline; {1 / r:.2f}x faster)" if r < 1 else "(ours/baseline)")
+        return r
+
+
+def machine_info(device: torch.device) -> dict[str, Any]:
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    info = {
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "memory_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "platform": platform.platform(),
+    }
+    with contextlib.suppress(ImportError):
+        import transformers
+
+        info["transformers"] = transformers.__version__
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def matmul_rate(device: torch.device, dtype: torch.dtype, m: int, k: int, n: int, timer: Timer) -> float:
+    """FLOP/s of an ``(m, k) @ (k, n)`` product, the shape of the stage it bounds."""
+    a = torch.randn(m, k, device=device).to(dtype)
+    b = torch.randn(k, n, device=device).to(dtype)
+    reps = max(1, int(2e11 / (2 * m * k * n))) if device.type != "cpu" else max(1, int(2e10 / (2 * m * k * n)))
+    stat, _ = repeat(lambda: [a @ b for _ in range(reps)], timer, runs=3, warmup=1)
+    return 2 * m * k * n * reps / stat.median
+
+
+def memory_bandwidth(device: torch.device, timer: Timer) -> float:
+    """Read bandwidth in bytes/s: a sum over a buffer far larger than any cache (decoding reads weights once)."""
+    n = (1 << 30) // 4 if device.type != "cpu" else (512 << 20) // 4
+    x = torch.ones(n, device=device)
+    stat, _ = repeat(lambda: x.sum(), timer, runs=5, warmup=1)
+    return n * 4 / stat.median
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident set of this process (``ru_maxrss`` is KiB on Linux, bytes on macOS)."""
+    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return r if sys.platform == "darwin" else r * 1024
+
+
+def current_rss_bytes() -> int:
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    return peak_rss_bytes()
+
+
+# -- FLOP counts for the lower bounds ----------------------------------------------------------------------
+
+
+def siglip_flops(vision: Any, tiles: int) -> float:
+    """Forward FLOPs of the truncated SigLIP tower over ``tiles`` tiles (matmuls and attention)."""
+    raw = vision.raw
+    c, inter, p = vision.hidden_size, int(raw.get("intermediate_size", 4 * vision.hidden_size)), vision.patch_size
+    n = (vision.image_size // p) ** 2
+    per_layer = 2 * n * (4 * c * c + 2 * c * inter) + 4 * n * n * c
+    return tiles * (2 * n * c * 3 * p * p + vision.num_layers_to_run * per_layer)
+
+
+def llm_shape(llm: torch.nn.Module) -> dict[str, int]:
+    conf = llm.config
+    heads = conf.num_attention_heads
+    return {
+        "hidden": conf.hidden_size,
+        "layers": conf.num_hidden_layers,
+        "inter": conf.intermediate_size,
+        "vocab": llm.get_output_embeddings().weight.shape[0],
+        "q": conf.hidden_size,
+        "kv": getattr(conf, "num_key_value_heads", heads) * (conf.hidden_size // heads),
+    }
+
+
+def llm_prefill_flops(llm: torch.nn.Module, positions: int) -> float:
+    s = llm_shape(llm)
+    c, n = s["hidden"], positions
+    proj = c * (2 * s["q"] + 2 * s["kv"]) + 3 * c * s["inter"]
+    attn = 2 * n * n * s["q"]  # causal: half of QK^T and PV
+    return s["layers"] * (2 * n * proj + attn) + 2 * c * s["vocab"]
+
+
+def llm_decode_bytes(llm: torch.nn.Module) -> int:
+    """Bytes one decoding step must read: every weight except the input embedding table (one row is read),
+    unless that table is also the (tied) LM head."""
+    seen, total = set(), 0
+    emb = llm.get_input_embeddings().weight
+    head = llm.get_output_embeddings().weight
+    for p in llm.parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        if p is emb and p is not head:
+            continue
+        total += p.numel() * p.element_size()
+    return total
+
+
+# -- sub-benchmark: loading --------------------------------------------------------------------------------
+
+
+def load_child(root: str, device: str, dtype: str) -> None:
+    """Runs in a fresh process: import, load, report times and peak RSS as one JSON line."""
+    import vila
+
+    base = current_rss_bytes()
+    t0 = time.perf_counter()
+    model = vila.load(root, device=device, dtype=dtype)
+    if model.device.type == "cuda":
+        torch.cuda.synchronize()
+    load_s = time.perf_counter() - t0
+    peak = peak_rss_bytes()
+    params = sum(p.numel() * p.element_size() for p in model.parameters())
+    # Weights mapped from the files are resident only once read: touch every one, as the first request would.
+    with torch.inference_mode():
+        for p in model.parameters():
+            p.sum()
+    out = {"load_s": load_s, "peak_rss": peak, "rss_after_import": base, "param_bytes": params}
+    out["peak_rss_touched"] = peak_rss_bytes()
+    print(json.dumps(out))
+
+
+def bench_load(report: Report, root: Path, args: argparse.Namespace, dtype: torch.dtype) -> None:
+    print("load (fresh process per run; page cache warm)")
+    runs = []
+    for i in range(args.warmup + args.runs):
+        cmd = [sys.executable, __file__, "--load-child", str(root), "--device", args.device, "--dtype", str(dtype)]
+        out = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        if out.returncode != 0:
+            raise RuntimeError(f"loading {root} failed:\n{out.stderr[-3000:]}")
+        if i >= args.warmup:
+            runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    weights = checkpoint_weight_bytes(root, dtype)
+    load = Stat.of([r["load_s"] for r in runs])
+    peak = Stat.of([r["peak_rss"] / 2**30 for r in runs], "GiB")
+    touched = Stat.of([r["peak_rss_touched"] / 2**30 for r in runs], "GiB")
+    base = statistics.median(r["rss_after_import"] for r in runs)
+    sec = "load"
+    report.add(sec, "weight_bytes_at_dtype", weights, f"({weights / 1e9:.3f} GB; file {checkpoint_weight_bytes(root) / 1e9:.3f} GB)")
+    report.add(sec, "param_bytes_in_memory", runs[0]["param_bytes"], "(loaded modules; unused tower layers dropped)")
+    report.add(sec, "load_time", load)
+    report.add(sec, "load_s_per_gb", round(load.median / (weights / 1e9), 4))
+    report.add(sec, "peak_rss", peak)
+    report.add(sec, "rss_after_import_gib", round(base / 2**30, 3), "(python + torch + transformers + vila)")
+    report.add(sec, "peak_rss_after_touching_weights", touched, "(every weight read once, as a request does)")
+    worst = max(peak.median, touched.median) * 2**30
+    report.add(sec, "peak_rss_over_weights", round(worst / weights, 4), "(target <= 1.15 at real size)")
+    report.add(sec, "peak_rss_minus_import_over_weights", round((worst - base) / weights, 4))
+
+
+# -- sub-benchmark: preprocessing (ours vs the reference's PIL + per-tile numpy) ------------------------------
+
+
+def reference_tiles(image: PIL.Image.Image, cfg: Any) -> list[PIL.Image.Image]:
+    """What the reference does (spec image_preprocessing.md §3.3, §3.4): a PIL resize per scale, a PIL crop
+    per tile, a thumbnail for ``dynamic``."""
+    from vila.preprocess import candidate_grids, closest_grid
+
+    def crop(img: PIL.Image.Image, cols: int, rows: int, s: int) -> list[PIL.Image.Image]:
+        resized = img.resize((s * cols, s * rows))
+        return [resized.crop(((i % cols) * s, (i // cols) * s, (i % cols + 1) * s, (i // cols + 1) * s)) for i in range(cols * rows)]
+
+    s = cfg.processor.size
+    if cfg.image_aspect_ratio == "dynamic":
+        cols, rows = closest_grid(image.width, image.height, candidate_grids(cfg.min_tiles, cfg.max_tiles), s)
+        tiles = crop(image, cols, rows, s)
+        return tiles + [image.resize((s, s))] if len(tiles) > 1 else tiles
+    scales = cfg.vision.scales
+    tiles = []
+    for scale in scales[:-1]:
+        tiles += crop(image, scale // s, scale // s, s)
+    cols, rows = closest_grid(image.width, image.height, candidate_grids((scales[-1] // s) ** 2, cfg.max_tiles), s)
+    return tiles + crop(image, cols, rows, s)
+
+
+def reference_processor(tile: PIL.Image.Image, proc: Any) -> torch.Tensor:
+    """transformers' slow ``SiglipImageProcessor`` on one tile: numpy uint8, PIL resize, float64 rescale cast
+    to float32, float32 normalisation, HWC -> CHW (spec §3.5)."""
+    arr = np.array(tile)
+    arr = np.array(PIL.Image.fromarray(arr).resize((proc.size, proc.size), resample=proc.resample))
+    arr = (arr.astype(np.float64) * proc.rescale_factor).astype(np.float32)
+    mean, std = np.array(proc.image_mean, dtype=np.float32), np.array(proc.image_std, dtype=np.float32)
+    arr = (arr - mean) / std
+    return torch.from_numpy(arr.transpose(2, 0, 1).copy())
+
+
+def reference_preprocess(image: PIL.Image.Image, cfg: Any) -> torch.Tensor:
+    return torch.stack([reference_processor(t, cfg.processor) for t in reference_tiles(image, cfg)])
+
+
+def resize_floor(image: PIL.Image.Image, cfg: Any) -> None:
+    """Only the PIL bicubic resizes that bit-exactness requires: the floor of any preprocessing."""
+    from vila.preprocess import candidate_grids, closest_grid
+
+    s = cfg.processor.size
+    if cfg.image_aspect_ratio == "dynamic":
+        cols, rows = closest_grid(image.width, image.height, candidate_grids(cfg.min_tiles, cfg.max_tiles), s)
+        image.resize((s * cols, s * rows))
+        if cols * rows > 1:
+            image.resize((s, s))
+        return
+    for scale in cfg.vision.scales[:-1]:
+        image.resize((scale, scale))
+    last = cfg.vision.scales[-1]
+    cols, rows = closest_grid(image.width, image.height, candidate_grids((last // s) ** 2, cfg.max_tiles), s)
+    image.resize((s * cols, s * rows))
+
+
+def test_image(size: tuple[int, int] = IMAGE_SIZE, seed: int = 0) -> PIL.Image.Image:
+    """A deterministic photo-like RGB image: smooth gradients plus noise (no flat areas for the codec)."""
+    w, h = size
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    base = np.stack([xx / w * 255, yy / h * 255, (xx + yy) / (w + h) * 255], axis=-1)
+    noise = rng.normal(0, 25, size=(h, w, 3))
+    return PIL.Image.fromarray(np.clip(base + noise, 0, 255).astype(np.uint8))
+
+
+def bench_preprocess(report: Report, args: argparse.Namespace, timer: Timer) -> None:
+    from vila.config import parse_config
+    from vila.preprocess import preprocess_images
+
+    image = test_image()
+    for mode, fixture in (("dynamic_s2", "nvila-tiny"), ("dynamic", "nvila-lite-tiny")):
+        cfg = parse_config(TINY / fixture)  # both use 448 px SigLIP tiles, like the released checkpoints
+        print(f"preprocess {image.width}x{image.height} image, {mode} (448 px tiles)")
+        ours, batch = repeat(lambda cfg=cfg: preprocess_images([image], cfg), timer, args.runs, args.warmup)
+        base, ref = repeat(lambda cfg=cfg: reference_preprocess(image, cfg), timer, args.runs, args.warmup)
+        floor, _ = repeat(lambda cfg=cfg: resize_floor(image, cfg), timer, args.runs, args.warmup)
+        if not torch.equal(batch.pixel_values, ref):
+            diff = (batch.pixel_values - ref).abs().max().item() if batch.pixel_values.shape == ref.shape else "shape"
+            raise AssertionError(f"preprocessing ({mode}) is not bit-identical to the reference: max diff {diff}")
+        sec = f"preprocess_{mode}"
+        report.add(sec, "tiles", int(ref.shape[0]))
+        report.add(sec, "ours", ours)
+        report.add(sec, "baseline_reference", base, "(PIL crop + per-tile numpy normalise)")
+        report.ratio(sec, "ours_over_baseline", ours, base)
+        report.add(sec, "floor_pil_resizes", floor, "(the bicubic resizes alone)")
+        report.add(sec, "ours_over_floor", round(ours.median / floor.median, 4))
+        report.add(sec, "bit_identical", True)
+
+
+# -- sub-benchmark: vision tower, batched SDPA vs per-tile eager ---------------------------------------------
+
+
+@contextlib.contextmanager
+def attention_implementation(tower: torch.nn.Module, name: str) -> Iterator[None]:
+    """Temporarily switch a transformers tower's attention kernel (the layers read it at call time)."""
+    configs = {id(m.config): m.config for m in tower.modules() if hasattr(m, "config") and hasattr(m.config, "_attn_implementation")}
+    old = {k: c._attn_implementation for k, c in configs.items()}
+    try:
+        for c in configs.values():
+            c._attn_implementation = name
+        yield
+    finally:
+        for k, c in configs.items():
+            c._attn_implementation = old[k]
+
+
+def request_pixels(model: Any, image: PIL.Image.Image) -> Any:
+    from vila.preprocess import preprocess_images
+
+    return preprocess_images([image], model.config)
+
+
+def bench_vision(report: Report, model: Any, args: argparse.Namespace, timer: Timer, rates: dict[str, float]) -> None:
+    from vila.model.vila import VISION_CHUNK
+    from vila.model.vision import run_tower
+
+    batch = request_pixels(model, test_image())
+    pixels = batch.pixel_values.to(model.device, model.dtype)
+    n = pixels.shape[0]
+    print(f"vision tower on all {n} tiles of a {IMAGE_SIZE[0]}x{IMAGE_SIZE[1]} image ({model.config.image_aspect_ratio})")
+    tower = model.vision_tower
+
+    def batched() -> torch.Tensor:
+        with torch.inference_mode():
+            return run_tower(tower, pixels, VISION_CHUNK)
+
+    def per_tile_eager() -> torch.Tensor:
+        with torch.inference_mode(), attention_implementation(tower, "eager"):
+            return torch.cat([tower(pixels[i : i + 1]) for i in range(n)])
+
+    ours, a = repeat(batched, timer, args.runs, args.warmup)
+    base, b = repeat(per_tile_eager, timer, args.runs, args.warmup)
+    sec = "vision"
+    report.add(sec, "tiles", n)
+    report.add(sec, "ours_batched_sdpa", ours)
+    report.add(sec, "baseline_per_tile_eager", base)
+    report.ratio(sec, "ours_over_baseline", ours, base)
+    rel = ((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-12)).item()
+    report.add(sec, "max_rel_diff_vs_baseline", rel)
+    if model.config.vision.kind == "siglip":
+        flops = siglip_flops(model.config.vision, n)
+        bound = flops / rates["vision"]
+        report.add(sec, "flops", flops, f"({flops / 1e12:.3f} TFLOP)")
+        report.add(sec, "lower_bound_at_matmul_rate", bound)
+        report.add(sec, "ours_over_lower_bound", round(ours.median / bound, 3))
+
+
+# -- sub-benchmark: one image request, stage by stage --------------------------------------------------------
+
+
+class TokenTimer:
+    """A ``streamer`` that timestamps every generated token (the first ``put`` is the prompt)."""
+
+    def __init__(self, timer: Timer):
+        self.timer = timer
+        self.times: list[float] = []
+
+    def put(self, value: torch.Tensor) -> None:
+        if value.numel() and self.times is not None:
+            self.times.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
+
+
+def greedy_config(model: Any, new_tokens: int, **extra: Any) -> Any:
+    """Greedy decoding of exactly ``new_tokens`` tokens (random weights would otherwise stop at any time)."""
+    g = model.generation_config(
+        max_new_tokens=new_tokens,
+        do_sample=False,
+        temperature=None,
+        top_p=None,
+        top_k=None,
+        prompt_len=0,
+        stop_token_ids=model.stop_token_ids,
+    )
+    g.min_new_tokens = new_tokens
+    for k, v in extra.items():
+        setattr(g, k, v)
+    return g
+
+
+def timed_generate(model: Any, parts: list[Any], gen: Any, timer: Timer) -> dict[str, Any]:
+    streamer = TokenTimer(timer)
+    timer.sync()
+    t0 = time.perf_counter()
+    result = model.generate(parts, generation_config=gen, streamer=streamer)
+    timer.sync()
+    total = time.perf_counter() - t0
+    ticks = streamer.times
+    media = sum(result.timings.get(k, 0.0) for k in ("media_decode_s", "preprocess_s", "vision_encode_s"))
+    out = dict(result.timings)
+    out.update(
+        total_s=total,
+        ttft_s=ticks[0] - t0,
+        prefill_s=ticks[0] - t0 - media,
+        decode_tok_s=(len(ticks) - 1) / (ticks[-1] - ticks[0]) if len(ticks) > 1 else float("nan"),
+        tokens=result.token_ids,
+        positions=result.num_prompt_tokens,
+    )
+    return out
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def bench_request(report: Report, model: Any, args: argparse.Namespace, timer: Timer, rates: dict[str, float], workdir: Path) -> None:
+    import vila
+    from vila.model.encoders import encode_images
+    from vila.model.vila import VISION_CHUNK
+    from vila.model.vision import run_tower
+
+    path = workdir / "request.jpg"
+    test_image().save(path, quality=90)
+    parts = [vila.Image(path), PROMPT]
+    gen = greedy_config(model, args.new_tokens)
+    print(f"image request: {IMAGE_SIZE[0]}x{IMAGE_SIZE[1]} JPEG + {PROMPT!r}, {args.new_tokens} greedy tokens")
+    reset_peak_memory(model.device)
+    for _ in range(args.warmup):
+        timed_generate(model, parts, gen, timer)
+    runs = [timed_generate(model, parts, gen, timer) for _ in range(args.runs)]
+
+    # The projector (and the S2 merge before it) alone, fed the tower features of the same image.
+    batch = request_pixels(model, vila.media.load_image(vila.Image(path)))
+    pixels = batch.pixel_values.to(model.device, model.dtype)
+    blocks = list(batch.block_sizes) if batch.block_sizes is not None else None
+    with torch.inference_mode():
+        feats = run_tower(model.vision_tower, pixels, VISION_CHUNK)
+
+    def project() -> list[torch.Tensor]:
+        with torch.inference_mode():
+            return encode_images(lambda _: feats, model.mm_projector, model.config.vision, pixels, blocks)
+
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        project()
+    projector, _ = repeat(project, timer, args.runs, args.warmup)
+
+    sec = "request"
+    stat = lambda key, unit="s": Stat.of([r[key] for r in runs], unit)  # noqa: E731
+    positions = runs[0]["positions"]
+    report.add(sec, "llm_input_positions", positions)
+    report.add(sec, "media_decode", stat("media_decode_s"), "(PIL decode of the JPEG)")
+    report.add(sec, "preprocess", stat("preprocess_s"))
+    report.add(sec, "vision_encode_incl_projector", stat("vision_encode_s"))
+    report.add(sec, "projector_incl_s2_merge", projector)
+    report.add(sec, "prefill", stat("prefill_s"), "(TTFT minus the media stages)")
+    report.add(sec, "ttft", stat("ttft_s"), "(end to end: file -> first token)")
+    report.add(sec, "decode", stat("decode_tok_s", "tok/s"))
+    report.add(sec, "total", stat("total_s"))
+    if model.device.type == "cuda":
+        report.add(sec, "peak_gpu_memory_gib", round(torch.cuda.max_memory_allocated(model.device) / 2**30, 3))
+    report.add(sec, "peak_rss_gib", round(peak_rss_bytes() / 2**30, 3), "(process high-water mark so far)")
+
+    # Lower bounds on this machine.
+    if model.config.vision.kind == "siglip":
+        vb = siglip_flops(model.config.vision, pixels.shape[0]) / rates["vision"]
+        report.add(sec, "vision_lower_bound", vb, "(tower FLOPs at the measured matmul rate)")
+        report.add(sec, "vision_encode_over_bound", round(stat("vision_encode_s").median / vb, 3))
+    pb = counter.get_total_flops() / rates["llm"]
+    report.add(sec, "projector_lower_bound", pb, "(projector FLOPs at the measured matmul rate)")
+    prefill_bound = llm_prefill_flops(model.llm, positions) / rates["llm"]
+    report.add(sec, "prefill_lower_bound", prefill_bound, "(LLM FLOPs at the measured matmul rate)")
+    report.add(sec, "prefill_over_bound", round(stat("prefill_s").median / prefill_bound, 3))
+    nbytes = llm_decode_bytes(model.llm)
+    bound = rates["bandwidth"] / nbytes
+    report.add(sec, "decode_bytes_per_token", nbytes, f"({nbytes / 1e9:.3f} GB)")
+    report.add(sec, "decode_bound_tok_s", round(bound, 3), "(read bandwidth / weight bytes)")
+    report.add(sec, "decode_over_bound", round(stat("decode_tok_s", "tok/s").median / bound, 3))
+
+
+# -- sub-benchmark: feature cache (vila/cache.py), hit vs miss -----------------------------------------------
+
+
+def bench_cache(report: Report, model: Any, args: argparse.Namespace, timer: Timer, workdir: Path) -> None:
+    if importlib.util.find_spec("vila.cache") is None:
+        print("cache: pending (vila/cache.py does not exist yet)")
+        report.add("cache", "status", "pending: vila/cache.py not present")
+        return
+    import vila
+
+    path = workdir / "request.jpg"
+    test_image().save(path, quality=90)
+    parts = [vila.Image(path), PROMPT]
+    gen = greedy_config(model, args.new_tokens)
+    cache = getattr(model, "feature_cache", None)
+    if cache is None or not hasattr(cache, "clear"):
+        print("cache: pending (no model.feature_cache with clear())")
+        report.add("cache", "status", "pending: model.feature_cache.clear() not available")
+        return
+    print("repeated request on the same media: feature cache miss vs hit")
+
+    def miss() -> dict[str, Any]:
+        cache.clear()
+        return timed_generate(model, parts, gen, timer)
+
+    def hit() -> dict[str, Any]:
+        return timed_generate(model, parts, gen, timer)
+
+    m = [miss() for _ in range(args.warmup + args.runs)][args.warmup :]
+    hit()  # fill
+    h = [hit() for _ in range(args.runs)]
+    if m[0]["tokens"] != h[0]["tokens"]:
+        raise AssertionError("the feature cache changed the generated tokens")
+    sec = "cache"
+    miss_ttft, hit_ttft = Stat.of([r["ttft_s"] for r in m]), Stat.of([r["ttft_s"] for r in h])
+    report.add(sec, "ttft_miss", miss_ttft)
+    report.add(sec, "ttft_hit", hit_ttft)
+    report.ratio(sec, "hit_over_miss_ttft", hit_ttft, miss_ttft)
+    report.add(sec, "same_tokens", True)
+
+
+# -- sub-benchmark: static KV cache + torch.compile vs dynamic cache (CUDA) ------------------------------------
+
+
+def bench_static(report: Report, model: Any, args: argparse.Namespace, timer: Timer, compile_decode: bool = True) -> dict[str, Any]:
+    """Default generation vs a static KV cache (decode step compiled by transformers on CUDA); greedy tokens
+    must be identical."""
+    import vila
+
+    path = Path(tempfile.gettempdir()) / "vila-bench-448.png"
+    test_image((448, 448)).save(path)
+    parts = [vila.Image(path), PROMPT]
+    gen = greedy_config(model, args.new_tokens)
+    fast = greedy_config(model, args.new_tokens, cache_implementation="static")
+    if not compile_decode:
+        fast.disable_compile = True
+    print(f"decode: dynamic cache vs static cache{' + torch.compile' if compile_decode else ''} (448x448 image)")
+    res = {}
+    for name, g in (("dynamic_cache", gen), ("static_compiled", fast)):
+        for _ in range(args.warmup):
+            timed_generate(model, parts, g, timer)
+        res[name] = [timed_generate(model, parts, g, timer) for _ in range(args.runs)]
+    same = res["dynamic_cache"][0]["tokens"] == res["static_compiled"][0]["tokens"]
+    sec = "static"
+    for name, runs in res.items():
+        report.add(sec, f"{name}_ttft", Stat.of([r["ttft_s"] for r in runs]))
+        report.add(sec, f"{name}_decode", Stat.of([r["decode_tok_s"] for r in runs], "tok/s"))
+    d = Stat.of([r["decode_tok_s"] for r in res["dynamic_cache"]], "tok/s")
+    s = Stat.of([r["decode_tok_s"] for r in res["static_compiled"]], "tok/s")
+    report.add(sec, "decode_speedup", round(s.median / d.median, 3), "(static / dynamic tok/s)")
+    report.add(sec, "same_greedy_tokens", same)
+    if not same:
+        raise AssertionError("static-cache decoding changed the greedy tokens")
+    return res
+
+
+# -- driver --------------------------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="nvila-tiny", help="tiny fixture name, nvila-lite-2b / nvila-8b (random weights), or a checkpoint path")
+    p.add_argument("--only", default=",".join(SUB_BENCHMARKS), help=f"comma-separated sub-benchmarks from {','.join(SUB_BENCHMARKS)}")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N, mps")
+    p.add_argument("--dtype", default="auto", help="auto (fp32 on CPU, bf16 on CUDA), float32, bfloat16, float16")
+    p.add_argument("--checkpoint-dtype", default="bfloat16", help="dtype of the random weights written to disk (the published checkpoints are bf16)")
+    p.add_argument("--runs", type=int, default=5, help="timed runs per figure (the median is reported)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed runs before the timed ones")
+    p.add_argument("--new-tokens", type=int, default=16, help="greedy tokens generated per request")
+    p.add_argument("--workdir", default=None, help="where real-size random checkpoints are written (default: a temp dir, removed)")
+    p.add_argument("--keep", action="store_true", help="keep the written checkpoint (with --workdir, reused next time)")
+    p.add_argument("--json", default=None, help="write every figure to this JSON file ('-' for stdout)")
+    p.add_argument("--load-child", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    unknown = set(args.only.split(",")) - set(SUB_BENCHMARKS)
+    if unknown:
+        p.error(f"unknown sub-benchmarks {sorted(unknown)}; choose from {', '.join(SUB_BENCHMARKS)}")
+    if args.runs < 1 or args.warmup < 0:
+        p.error("--runs must be >= 1 and --warmup >= 0")
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    if args.load_child:
+        load_child(args.load_child, args.device, args.dtype)
+        return {}
+    sys.path.insert(0, str(REPO))
+    from vila.device import resolve_device, resolve_dtype
+
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+    args.device = str(device)
+    only = args.only.split(",")
+    timer = Timer(device)
+    workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="vila-bench-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    try:
+        root = materialize(args.model, workdir, resolve_dtype(args.checkpoint_dtype, device))
+        report = Report(machine_info(device), {"model": args.model, "checkpoint": str(root), "checkpoint_dtype": args.checkpoint_dtype, "device": str(device), "dtype": str(dtype), "runs": args.runs, "warmup": args.warmup, "new_tokens": args.new_tokens})
+        if args.model in ARCHS:
+            report.setup["architecture"] = ARCHS[args.model].about
+        print(f"# vila benchmark: {args.model} on {device} ({dtype}); {report.machine['cpu']}, {report.machine['torch_threads']} threads"
+              + (f"; {report.machine['gpu']}" if "gpu" in report.machine else ""))
+        print(f"# each figure: median of {args.runs} runs after {args.warmup} warm-up, [min .. max]")
+        if "load" in only:
+            bench_load(report, root, args, dtype)
+        if "preprocess" in only:
+            bench_preprocess(report, args, timer)
+        needs_model = {"request", "vision", "cache", "static"} & set(only)
+        if needs_model:
+            import vila
+
+            model = vila.load(root, device=device, dtype=dtype)
+            rates = ceilings(report, model, device, dtype, timer)
+            if "request" in only:
+                bench_request(report, model, args, timer, rates, workdir)
+            if "vision" in only:
+                bench_vision(report, model, args, timer, rates)
+            if "cache" in only:
+                bench_cache(report, model, args, timer, workdir)
+            if "static" in only:
+                if device.type == "cuda":
+                    bench_static(report, model, args, timer)
+                else:
+                    print("static: skipped (CUDA only: transformers compiles the static-cache decode step on CUDA)")
+                    report.add("static", "status", "skipped: CUDA only")
+        out = asdict(report)
+        if args.json == "-":
+            print(json.dumps(out, indent=2))
+        elif args.json:
+            Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
+            print(f"# wrote {args.json}")
+        return out
+    finally:
+        if not args.workdir and not args.keep:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+def ceilings(report: Report, model: Any, device: torch.device, dtype: torch.dtype, timer: Timer) -> dict[str, float]:
+    """This machine's matmul rate at the tower's and the LLM's MLP shapes, and its read bandwidth."""
+    v = model.config.vision
+    s = llm_shape(model.llm)
+    n = (v.image_size // v.patch_size) ** 2
+    inter = int(v.raw.get("intermediate_size", 4 * v.hidden_size))
+    rates = {
+        "vision": matmul_rate(device, dtype, min(4 * n, 4096), v.hidden_size, inter, timer),
+        "llm": matmul_rate(device, dtype, 1024, s["hidden"], s["inter"], timer),
+        "bandwidth": memory_bandwidth(device, timer),
+    }
+    print("machine ceilings")
+    report.add("ceilings", "matmul_flops_vision_shape", rates["vision"], f"({rates['vision'] / 1e9:.1f} GFLOP/s, {dtype})")
+    report.add("ceilings", "matmul_flops_llm_shape", rates["llm"], f"({rates['llm'] / 1e9:.1f} GFLOP/s)")
+    report.add("ceilings", "read_bandwidth", rates["bandwidth"], f"({rates['bandwidth'] / 1e9:.1f} GB/s)")
+    return rates
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,102 @@
+"""The Python API: prompt forms, generation options, devices/dtypes and typed errors."""
+
+from __future__ import annotations
+
+import PIL.Image
+import pytest
+import torch
+from transformers import GenerationConfig
+
+import vila
+from conftest import INPUTS, TINY
+from vila.errors import CheckpointError, MediaError, UsageError
+from vila.model.vila import to_turns
+
+DEMO = INPUTS / "demo_img.png"
+
+
+def test_public_api_is_small():
+    assert set(vila.__all__) == {"Image", "Video", "errors", "load", "__version__"}
+
+
+def test_parts_keep_the_users_order(tiny_model):
+    model = tiny_model("nvila-tiny")
+    img = PIL.Image.new("RGB", (64, 48), (10, 200, 30))
+    prepared = model.prepare(to_turns(["Compare", img, "with", vila.Image(DEMO)]))
+    assert "<|im_start|>user\nCompare<image>with<image><|im_end|>" in prepared.prompt_text
+    assert prepared.media_tokens == [257, 257]  # two images: one 448 tile each (quirk #3)
+
+
+def test_pil_and_path_images_are_the_same(tiny_model):
+    model = tiny_model("nvila-tiny")
+    a = model.generate([vila.Image(DEMO), "Describe"], max_new_tokens=4)
+    b = model.generate([PIL.Image.open(DEMO), "Describe"], max_new_tokens=4)
+    c = model.generate([vila.Image(DEMO.read_bytes()), "Describe"], max_new_tokens=4)
+    assert a.token_ids == b.token_ids == c.token_ids
+
+
+def test_generation_options(tiny_model):
+    model = tiny_model("nvila-tiny")
+    assert len(model.generate("Hello", max_new_tokens=3).token_ids) == 3
+    s1 = model.generate("Hello", max_new_tokens=6, do_sample=True, temperature=100.0, seed=123).token_ids
+    s2 = model.generate("Hello", max_new_tokens=6, do_sample=True, temperature=100.0, seed=123).token_ids
+    greedy = model.generate("Hello", max_new_tokens=6).token_ids
+    assert s1 == s2 and s1 != greedy  # the tiny logits are ~100s apart: only a high temperature samples
+    assert model.generate("Hello", max_new_tokens=6, temperature=0, do_sample=True).token_ids == greedy
+    cfg = GenerationConfig(max_new_tokens=2, do_sample=False, eos_token_id=[model.tokenizer.eos_token_id])
+    assert len(model.generate("Hello", generation_config=cfg).token_ids) == 2
+    assert isinstance(model.generate_content("Hello", max_new_tokens=2), str)
+
+
+def test_conv_mode_override_changes_prompt_and_stops(tiny_model):
+    model = tiny_model("nvila-tiny")
+    prepared = model.prepare(to_turns("Hi"), template=vila.prompt.get_template("hermes-2"))
+    assert prepared.prompt_text.startswith("<|im_start|>system\nAnswer the questions.")
+    assert model.generate("Hi", conv_mode="hermes-2", max_new_tokens=2).num_prompt_tokens == len(prepared.input_ids)
+
+
+def test_multi_turn_conversation(tiny_model):
+    model = tiny_model("nvila-tiny")
+    turns = [
+        {"role": "user", "content": [vila.Image(DEMO), "What is it?"]},
+        {"role": "assistant", "content": "A tiger."},
+        {"role": "user", "content": "Sure?"},
+    ]
+    prepared = model.prepare(to_turns(turns))
+    assert prepared.prompt_text.endswith(
+        "<|im_start|>user\n<image>What is it?<|im_end|>\n<|im_start|>assistant\nA tiger.<|im_end|>\n"
+        "<|im_start|>user\nSure?<|im_end|>\n<|im_start|>assistant\n"
+    )
+    assert prepared.media_tokens == [2305]  # the single image of the conversation is tiled
+
+
+def test_bfloat16_on_cpu():
+    model = vila.load(TINY / "nvila-lite-tiny", device="cpu", dtype="bfloat16")
+    assert model.llm.dtype == torch.bfloat16
+    assert next(model.vision_tower.parameters()).dtype == torch.bfloat16
+    assert len(model.generate([vila.Image(DEMO), "Hi"], max_new_tokens=2).token_ids) == 2
+
+
+def test_typed_errors(tmp_path, tiny_model):
+    with pytest.raises(CheckpointError):
+        vila.load(tmp_path)
+    with pytest.raises(UsageError):
+        vila.load(TINY / "nvila-tiny", device="cpu", dtype="float8")
+    with pytest.raises(UsageError):
+        vila.load(TINY / "nvila-tiny", device="tpu")
+    model = tiny_model("nvila-tiny")
+    with pytest.raises(MediaError, match="not found"):
+        model.generate_content([vila.Image(tmp_path / "missing.png"), "x"])
+    with pytest.raises(UsageError, match="empty"):
+        model.generate_content("   ")
+    with pytest.raises(UsageError, match="max_new_tokens"):
+        model.generate_content("x", max_new_tokens=-1)
+    with pytest.raises(UsageError, match="unsupported prompt part"):
+        model.generate_content(["x", 3])
+
+
+def test_no_random_rows_in_the_lm_head(tiny_model):
+    """Logits exist only for real token ids; the LLM is never resized (spec §6.7)."""
+    model = tiny_model("nvila-tiny")
+    assert model.llm.get_output_embeddings().weight.shape[0] == model.config.llm_vocab_size
+    assert model.num_generatable == len(model.tokenizer)
