@@ -74,6 +74,13 @@ def _nvila8b(key: str) -> Callable[[], dict[str, Any]]:
     return lambda: _json(HF_CONFIGS / "Efficient-Large-Model__NVILA-8B" / "config.json")[key]
 
 
+def _shrunk(get: Callable[[], dict[str, Any]], **dims: Any) -> Callable[[], dict[str, Any]]:
+    return lambda: {**get(), **dims}
+
+
+_SMOKE_LLM = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+_SMOKE_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2)
+
 ARCHS = {
     "nvila-lite-2b": Arch(
         tiny="nvila-lite-tiny",
@@ -88,6 +95,14 @@ ARCHS = {
         vision=_nvila8b("vision_tower_cfg"),
         projector=_nvila8b("mm_projector_cfg"),
         about="NVILA-8B size: SigLIP-so400m 448px, mlp_downsample, Qwen2-7B-shaped LLM, dynamic_s2 (448/896/1344)",
+    ),
+    # NVILA-8B's structure (dynamic_s2, full vocabulary, tokenizer) at toy widths: the same code path in seconds.
+    "nvila-8b-smoke": Arch(
+        tiny="nvila-tiny",
+        llm=_shrunk(_nvila8b("llm_cfg"), **_SMOKE_LLM),
+        vision=_shrunk(_nvila8b("vision_tower_cfg"), **_SMOKE_VISION),
+        projector=_nvila8b("mm_projector_cfg"),
+        about="NVILA-8B structure at toy widths (tests and --smoke)",
     ),
 }
 
@@ -154,21 +169,23 @@ def saved_tensors(module: torch.nn.Module, tied: bool) -> dict[str, tuple[tuple[
 
 
 def random_tensor(shape: tuple[int, ...], init: str, dtype: torch.dtype, gen: torch.Generator) -> torch.Tensor:
+    """A CPU tensor; drawn on the generator's device (a GPU draws billions of values in milliseconds)."""
     if init == "ones":
         return torch.ones(shape, dtype=dtype)
     if init == "zeros":
         return torch.zeros(shape, dtype=dtype)
     # Small weights keep activations finite through dozens of layers; the values do not matter for speed.
-    return torch.empty(shape, dtype=torch.float32).normal_(0.0, 0.02, generator=gen).to(dtype)
+    t = torch.empty(shape, dtype=torch.float32, device=gen.device).normal_(0.0, 0.02, generator=gen)
+    return t.to(dtype).cpu()
 
 
 def write_random_weights(
-    root: Path, dtype: torch.dtype, shard_bytes: int = 2 << 30, seed: int = 0
+    root: Path, dtype: torch.dtype, shard_bytes: int = 2 << 30, seed: int = 0, device: str = "cpu"
 ) -> dict[str, int]:
     """Random safetensors for every component of a skeleton checkpoint, sharded like ``save_pretrained``."""
     from safetensors.torch import save_file
 
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator(device=device).manual_seed(seed)
     sizes = {}
     for folder, module in component_modules(root).items():
         tied = bool(getattr(getattr(module, "config", None), "tie_word_embeddings", False))
@@ -214,7 +231,7 @@ def checkpoint_weight_bytes(root: Path, dtype: torch.dtype | None = None) -> int
 _SAFETENSORS_ITEMSIZE = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8, "I64": 8, "I32": 4, "U8": 1, "I8": 1, "BOOL": 1}
 
 
-def materialize(name: str, workdir: Path, dtype: torch.dtype) -> Path:
+def materialize(name: str, workdir: Path, dtype: torch.dtype, device: str = "cpu") -> Path:
     """A tiny fixture name, an architecture name (written once per dtype into ``workdir``) or a path."""
     if (TINY / name).is_dir():
         return TINY / name
@@ -224,7 +241,7 @@ def materialize(name: str, workdir: Path, dtype: torch.dtype) -> Path:
             shutil.rmtree(root, ignore_errors=True)
             skeleton_checkpoint(name, root)
             t0 = time.perf_counter()
-            sizes = write_random_weights(root, dtype)
+            sizes = write_random_weights(root, dtype, device="cuda" if str(device).startswith("cuda") else "cpu")
             gb = sum(sizes.values()) / 1e9
             print(f"# wrote {name} with random {dtype} weights ({gb:.2f} GB) in {time.perf_counter() - t0:.0f} s to {root}")
             (root / ".complete").write_text("ok\n")
@@ -353,8 +370,14 @@ def matmul_rate(device: torch.device, dtype: torch.dtype, m: int, k: int, n: int
     """FLOP/s of an ``(m, k) @ (k, n)`` product, the shape of the stage it bounds."""
     a = torch.randn(m, k, device=device).to(dtype)
     b = torch.randn(k, n, device=device).to(dtype)
-    reps = max(1, int(2e11 / (2 * m * k * n))) if device.type != "cpu" else max(1, int(2e10 / (2 * m * k * n)))
-    stat, _ = repeat(lambda: [a @ b for _ in range(reps)], timer, runs=3, warmup=1)
+    c = torch.empty(m, n, device=device, dtype=dtype)
+    reps = max(1, int((2e11 if device.type != "cpu" else 2e10) / (2 * m * k * n)))
+
+    def products() -> None:
+        for _ in range(reps):
+            torch.mm(a, b, out=c)
+
+    stat, _ = repeat(products, timer, runs=3, warmup=1)
     return 2 * m * k * n * reps / stat.median
 
 
@@ -370,6 +393,24 @@ def peak_rss_bytes() -> int:
     """Peak resident set of this process (``ru_maxrss`` is KiB on Linux, bytes on macOS)."""
     r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return r if sys.platform == "darwin" else r * 1024
+
+
+def reset_peak_rss() -> bool:
+    """Reset the kernel's high-water mark of this process (Linux >= 4.0), so a stage's own peak can be read."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def stage_peak_rss_bytes() -> int:
+    """``VmHWM`` since the last :func:`reset_peak_rss` (``ru_maxrss``, the process peak, where unavailable)."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return peak_rss_bytes()
 
 
 def current_rss_bytes() -> int:
@@ -432,11 +473,11 @@ def llm_decode_bytes(llm: torch.nn.Module) -> int:
 
 def load_child(root: str, device: str, dtype: str) -> None:
     """Runs in a fresh process: import, load, report times and peak RSS as one JSON line."""
-    import vila
+    from vila.load import load
 
     base = current_rss_bytes()
     t0 = time.perf_counter()
-    model = vila.load(root, device=device, dtype=dtype)
+    model = load(root, device=device, dtype=dtype)
     if model.device.type == "cuda":
         torch.cuda.synchronize()
     load_s = time.perf_counter() - t0
@@ -664,11 +705,11 @@ def greedy_config(model: Any, new_tokens: int, **extra: Any) -> Any:
     return g
 
 
-def timed_generate(model: Any, parts: list[Any], gen: Any, timer: Timer) -> dict[str, Any]:
+def timed_generate(model: Any, parts: list[Any], gen: Any, timer: Timer, **kwargs: Any) -> dict[str, Any]:
     streamer = TokenTimer(timer)
     timer.sync()
     t0 = time.perf_counter()
-    result = model.generate(parts, generation_config=gen, streamer=streamer)
+    result = model.generate(parts, generation_config=gen, streamer=streamer, **kwargs)
     timer.sync()
     total = time.perf_counter() - t0
     ticks = streamer.times
@@ -702,6 +743,7 @@ def bench_request(report: Report, model: Any, args: argparse.Namespace, timer: T
     gen = greedy_config(model, args.new_tokens)
     print(f"image request: {IMAGE_SIZE[0]}x{IMAGE_SIZE[1]} JPEG + {PROMPT!r}, {args.new_tokens} greedy tokens")
     reset_peak_memory(model.device)
+    reset_peak_rss()
     for _ in range(args.warmup):
         timed_generate(model, parts, gen, timer)
     runs = [timed_generate(model, parts, gen, timer) for _ in range(args.runs)]
@@ -737,7 +779,7 @@ def bench_request(report: Report, model: Any, args: argparse.Namespace, timer: T
     report.add(sec, "total", stat("total_s"))
     if model.device.type == "cuda":
         report.add(sec, "peak_gpu_memory_gib", round(torch.cuda.max_memory_allocated(model.device) / 2**30, 3))
-    report.add(sec, "peak_rss_gib", round(peak_rss_bytes() / 2**30, 3), "(process high-water mark so far)")
+    report.add(sec, "peak_rss_gib", round(stage_peak_rss_bytes() / 2**30, 3), "(high-water mark during the requests)")
 
     # Lower bounds on this machine.
     if model.config.vision.kind == "siglip":
@@ -760,40 +802,41 @@ def bench_request(report: Report, model: Any, args: argparse.Namespace, timer: T
 
 
 def bench_cache(report: Report, model: Any, args: argparse.Namespace, timer: Timer, workdir: Path) -> None:
+    """The same image request twice: a miss decodes, preprocesses and encodes; a hit reuses the features."""
     if importlib.util.find_spec("vila.cache") is None:
         print("cache: pending (vila/cache.py does not exist yet)")
         report.add("cache", "status", "pending: vila/cache.py not present")
         return
     import vila
+    from vila.cache import FeatureCache
 
     path = workdir / "request.jpg"
     test_image().save(path, quality=90)
     parts = [vila.Image(path), PROMPT]
     gen = greedy_config(model, args.new_tokens)
-    cache = getattr(model, "feature_cache", None)
-    if cache is None or not hasattr(cache, "clear"):
-        print("cache: pending (no model.feature_cache with clear())")
-        report.add("cache", "status", "pending: model.feature_cache.clear() not available")
-        return
     print("repeated request on the same media: feature cache miss vs hit")
+    cache = FeatureCache()
 
     def miss() -> dict[str, Any]:
         cache.clear()
-        return timed_generate(model, parts, gen, timer)
+        return timed_generate(model, parts, gen, timer, cache=cache)
 
     def hit() -> dict[str, Any]:
-        return timed_generate(model, parts, gen, timer)
+        return timed_generate(model, parts, gen, timer, cache=cache)
 
     m = [miss() for _ in range(args.warmup + args.runs)][args.warmup :]
-    hit()  # fill
+    hits_before = cache.hits
     h = [hit() for _ in range(args.runs)]
+    if cache.hits - hits_before != args.runs:
+        raise AssertionError(f"expected {args.runs} cache hits, got {cache.hits - hits_before}")
     if m[0]["tokens"] != h[0]["tokens"]:
         raise AssertionError("the feature cache changed the generated tokens")
     sec = "cache"
-    miss_ttft, hit_ttft = Stat.of([r["ttft_s"] for r in m]), Stat.of([r["ttft_s"] for r in h])
-    report.add(sec, "ttft_miss", miss_ttft)
-    report.add(sec, "ttft_hit", hit_ttft)
-    report.ratio(sec, "hit_over_miss_ttft", hit_ttft, miss_ttft)
+    for key, label in (("ttft_s", "ttft"), ("total_s", "total")):
+        miss_s, hit_s = Stat.of([r[key] for r in m]), Stat.of([r[key] for r in h])
+        report.add(sec, f"{label}_miss", miss_s)
+        report.add(sec, f"{label}_hit", hit_s)
+        report.ratio(sec, f"{label}_hit_over_miss", hit_s, miss_s)
     report.add(sec, "same_tokens", True)
 
 
@@ -874,7 +917,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="vila-bench-"))
     workdir.mkdir(parents=True, exist_ok=True)
     try:
-        root = materialize(args.model, workdir, resolve_dtype(args.checkpoint_dtype, device))
+        root = materialize(args.model, workdir, resolve_dtype(args.checkpoint_dtype, device), str(device))
         report = Report(machine_info(device), {"model": args.model, "checkpoint": str(root), "checkpoint_dtype": args.checkpoint_dtype, "device": str(device), "dtype": str(dtype), "runs": args.runs, "warmup": args.warmup, "new_tokens": args.new_tokens})
         if args.model in ARCHS:
             report.setup["architecture"] = ARCHS[args.model].about
@@ -887,9 +930,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             bench_preprocess(report, args, timer)
         needs_model = {"request", "vision", "cache", "static"} & set(only)
         if needs_model:
-            import vila
+            from vila.load import load
 
-            model = vila.load(root, device=device, dtype=dtype)
+            model = load(root, device=device, dtype=dtype)
             rates = ceilings(report, model, device, dtype, timer)
             if "request" in only:
                 bench_request(report, model, args, timer, rates, workdir)

@@ -15,6 +15,7 @@ from conftest import TINY
 from tiny_builders import make_llama3_checkpoint
 
 import vila
+from vila.errors import UnsupportedModelError
 from vila.prompt import detect_conv_mode
 
 QWEN = dict(has_chat_template=True, vocab_markers=frozenset({"<|im_start|>"}))  # NVILA / LongVILA / VILA-HD
@@ -102,6 +103,8 @@ def test_llama3_by_name_and_renamed(llama3_ckpt, tmp_path):
     prompt = m.prepare(vila.model.vila.to_turns("Hi")).prompt_text
     assert prompt.startswith("<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n")
     assert prompt.endswith("<|start_header_id|>assistant<|end_header_id|>\n\n")
+    result = m.generate("Hi", max_new_tokens=3)  # Llama-3-VILA1.5-8B-style checkpoint answers
+    assert 1 <= len(result.token_ids) <= 3
 
 
 def test_renamed_llama3_with_instruct_chat_template_still_gets_llama_3(llama3_ckpt, tmp_path):
@@ -120,3 +123,95 @@ def test_renamed_llama3_with_instruct_chat_template_still_gets_llama_3(llama3_ck
 def test_explicit_conv_mode_wins(tmp_path):
     path = link(tmp_path, "VILA1.5-3b", TINY / "vila15-tiny")
     assert vila.load(path, device="cpu", dtype="float32", conv_mode="hermes-2").conv_mode == "hermes-2"
+
+
+# -- remote-code layout (-hf-preview, model_type "vila"): config.json chat_template (spec prompt.md §6.9) ----------
+# The Jinja files VILA's converter writes (llava/remote_code/modeling_vila.py, generate_jinja_template).
+VICUNA_JINJA = """{% set system_prompt = "A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, detailed, and polite answers to the user's questions. " %}
+{% set roles = ["user", "assistant"] %}
+{% set sep = " " %}
+
+{{ system_prompt }}
+
+{% for message in messages %}
+    {% if message['role'] == roles[0] %}
+        {{ "USER: " }}{{ sep }}{{ message['content'] }}{{ sep }}
+    {% else %}
+        {{ "ASSISTANT: " }}{{ sep }}{{ message['content'] }}{{ sep }}
+    {% endif %}
+{% endfor %}
+{% if messages[-1]['role'] == 'user' %}
+    {{ "ASSISTANT:" }}
+{% endif %}
+"""
+HERMES_JINJA = """{% set system_prompt = "<|im_start|>system
+Answer the questions." %}
+{% set roles = ["<|im_start|>user
+", "<|im_start|>assistant
+"] %}
+{% set sep = "<|im_end|>" %}
+
+{{ system_prompt }}{{ sep }}
+
+{% for message in messages %}
+    {% if message['role'] == 'user' %}
+        {{ roles[0] }}{{ message['content'] }}{{ sep }}
+    {% else %}
+        {{ roles[1] }}{{ message['content'] }}{{ sep }}
+    {% endif %}
+{% endfor %}"""
+
+
+def make_hf_preview(root: Path, chat_template: str | None, jinja: str | None) -> Path:
+    """A checkpoint as ``convert_vila_dev_ckpt_to_remote`` leaves it: same folders, rewritten config.json, .py files."""
+    shutil.copytree(TINY / "vila15-tiny", root)
+    cfg = json.loads((root / "config.json").read_text())
+    cfg.update(version="2.0", architectures=["VILAForCausalLM"], model_type="vila")
+    cfg["auto_map"] = {"AutoConfig": "modeling_vila.VILAConfig", "AutoModel": "modeling_vila.VILAForCausalLM"}
+    if chat_template is not None:
+        cfg["chat_template"] = chat_template
+        if jinja is not None:
+            (root / f"{chat_template}.jinja").write_text(jinja)
+    (root / "config.json").write_text(json.dumps(cfg, indent=2))
+    marker = root / "EXECUTED"
+    (root / "modeling_vila.py").write_text(f"open({str(marker)!r}, 'w').write('remote code ran')\n")
+    return root
+
+
+def test_remote_code_vicuna_jinja_is_installed_and_reproduced(tmp_path):
+    root = make_hf_preview(tmp_path / "VILA15-3b-hf-preview", "vicuna_v1", VICUNA_JINJA)
+    m = vila.load(root, device="cpu", dtype="float32")
+    assert m.conv_mode == "auto" and "\n" not in m.tokenizer.chat_template and "    " not in m.tokenizer.chat_template
+    prompt = m.prepare(vila.model.vila.to_turns("Describe")).prompt_text
+    # The converted template's quirk: a double space after "USER:" and a space before "ASSISTANT:" (quirk #27).
+    assert prompt.endswith("the user's questions. USER:  Describe ASSISTANT:")
+    assert m.tokenizer.eos_token_id in m.stop_token_ids
+    assert not (root / "EXECUTED").exists()  # the shipped .py files are never run
+
+
+def test_remote_code_template_beats_the_name_rule(tmp_path):
+    root = make_hf_preview(tmp_path / "Llama-3-VILA15-8B-hf-preview", "hermes_2", HERMES_JINJA)
+    m = vila.load(root, device="cpu", dtype="float32")
+    assert m.conv_mode == "auto"
+    prompt = m.prepare(vila.model.vila.to_turns("Hi")).prompt_text
+    # newlines inside the strings are stripped on load too: spec prompt.md §6.9
+    assert prompt == "<|im_start|>systemAnswer the questions.<|im_end|><|im_start|>userHi<|im_end|>"
+
+
+def test_remote_code_without_jinja_uses_the_named_legacy_template(tmp_path):
+    root = make_hf_preview(tmp_path / "converted", "vicuna_v1", None)
+    assert vila.load(root, device="cpu", dtype="float32").conv_mode == "vicuna_v1"
+    bad = make_hf_preview(tmp_path / "converted-bad", "my_template", None)
+    with pytest.raises(UnsupportedModelError, match="my_template.jinja is missing"):
+        vila.load(bad, device="cpu", dtype="float32")
+
+
+def test_remote_code_nvila_uses_the_tokenizer_template(tmp_path):
+    """NVILA-Lite-2B-hf-preview: no chat_template key; the Qwen tokenizer's own template, as for NVILA."""
+    root = tmp_path / "NVILA-Lite-2B-hf-preview"
+    shutil.copytree(TINY / "nvila-lite-tiny", root)
+    cfg = json.loads((root / "config.json").read_text())
+    cfg.update(version="2.0", architectures=["VILAForCausalLM"], model_type="vila")
+    (root / "config.json").write_text(json.dumps(cfg))
+    m = vila.load(root, device="cpu", dtype="float32")
+    assert m.conv_mode == "auto" and m.config.model_type == "vila"

@@ -398,3 +398,74 @@ def test_missing_embedded_component_is_a_clear_error():
 def test_unknown_llm_type_is_a_clear_error():
     with pytest.raises(UnsupportedModelError, match="not known"):
         build_llm({"model_type": "no-such-llm", "hidden_size": 8})
+
+
+def test_vila15_3b_s2_has_two_scales_not_three():
+    """The published 60.3 MB projector fits 2 S2 scales (mm_hidden 2304); 3 scales would be far larger."""
+    f = FAMILIES["VILA1.5-3b-s2"]
+    three = build_meta(top_from(VILA15_3B, s2=True, s2_scales="384,768,1152"), f["llm"], f["vision"], f["projector"])
+    low, high = hub_interval("60.3 MB")
+    assert not low <= three.nbytes()["mm_projector"] <= high
+    assert built("VILA1.5-3b-s2").config.vision.mm_hidden_size == 2304
+
+
+# -- tiny checkpoints with the variations only meta-built above --------------------------------------------------
+def tiny_copy(tmp_path, variant: str, edit_llm=None, edit_projector=None):
+    import shutil
+
+    root = tmp_path / variant
+    shutil.copytree(TINY / variant, root)
+    for sub, edit in (("llm", edit_llm), ("mm_projector", edit_projector)):
+        if edit is not None:
+            path = root / sub / "config.json"
+            cfg = json.loads(path.read_text())
+            edit(cfg)
+            path.write_text(json.dumps(cfg, indent=2))
+    return root
+
+
+def test_longvila_1m_linear_rope_scaling_loads_and_answers(tmp_path):
+    import vila
+
+    root = tiny_copy(
+        tmp_path, "nvila-tiny", edit_llm=lambda c: c.update(rope_scaling={"type": "linear", "factor": 4.0})
+    )
+    scaled = vila.load(root, device="cpu", dtype="float32")
+    params = getattr(scaled.llm.config, "rope_parameters", None) or scaled.llm.config.rope_scaling
+    assert params["rope_type"] == "linear" and params["factor"] == 4.0
+    plain = vila.load(TINY / "nvila-tiny", device="cpu", dtype="float32")
+    a = scaled.prepare(vila.model.vila.to_turns("Hi"))
+    with torch.no_grad():
+        la = scaled.llm(inputs_embeds=a.inputs_embeds[None]).logits
+        lb = plain.llm(inputs_embeds=a.inputs_embeds[None]).logits
+    assert not torch.allclose(la, lb)  # positions are really scaled
+    assert scaled.generate("Hi", max_new_tokens=3).token_ids
+
+
+def test_longvila_r1_2x2_fix_projector_computes_mlp_downsample(tmp_path):
+    """LongVILA-R1-7B's ``mlp_downsample_2x2_fix`` loads the same tensors and gives the same answer."""
+    import PIL.Image
+
+    import vila
+
+    root = tiny_copy(
+        tmp_path, "vila15-tiny", edit_projector=lambda c: c.update(mm_projector_type="mlp_downsample_2x2_fix")
+    )
+    fix = vila.load(root, device="cpu", dtype="float32")
+    base = vila.load(TINY / "vila15-tiny", device="cpu", dtype="float32")
+    image = PIL.Image.new("RGB", (64, 48), (200, 30, 60))
+    assert fix.config.projector_type == "mlp_downsample_2x2_fix"
+    assert (
+        fix.generate([image, "Hi"], max_new_tokens=4).token_ids
+        == base.generate([image, "Hi"], max_new_tokens=4).token_ids
+    )
+
+
+def test_awq_checkpoint_is_refused_clearly(tmp_path):
+    """*-AWQ repos keep TinyChat .pt weights in llm/ (never downloaded: *.pt is ignored)."""
+    import vila
+
+    root = tiny_copy(tmp_path, "vila15-tiny")
+    (root / "llm" / "model.safetensors").unlink()
+    with pytest.raises(UnsupportedModelError, match="AWQ / TinyChat"):
+        vila.load(root, device="cpu")

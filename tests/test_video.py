@@ -23,6 +23,7 @@ from vila.errors import MediaError, UsageError
 from vila.media import Video
 from vila.video import (
     DecodedVideo,
+    decode_workers,
     last_decodable_count,
     list_frame_files,
     load_video,
@@ -158,7 +159,14 @@ def test_last_decodable_count_equals_the_reference_decrement_loop():
 
 def test_natural_sort():
     names = ["frame10.jpg", "frame2.jpg", "frame1.jpg", "frame01.jpg", "a.jpg", "frame100.jpg"]
-    assert sorted(names, key=natural_key) == ["a.jpg", "frame1.jpg", "frame01.jpg", "frame2.jpg", "frame10.jpg", "frame100.jpg"]
+    assert sorted(names, key=natural_key) == [
+        "a.jpg",
+        "frame01.jpg",
+        "frame1.jpg",
+        "frame2.jpg",
+        "frame10.jpg",
+        "frame100.jpg",
+    ]
 
 
 # ---------------------------------------------------------------------------------------------------- video files
@@ -185,8 +193,9 @@ def test_frames_are_the_sampled_ones(videos, backend, num_frames):
     assert video.indices == sample_indices(30, num_frames)
     assert [frame_id(f) for f in video.frames] == video.indices
     assert video.duration == 3.0
-    if num_frames == 45:  # a repeated index repeats the same decoded frame
-        assert video.frames[0] is video.frames[1]
+    repeats = [j for j in range(1, num_frames) if video.indices[j] == video.indices[j - 1]]
+    assert bool(repeats) == (num_frames > 30)
+    assert all(video.frames[j] is video.frames[j - 1] for j in repeats)  # a repeated index repeats the frame
 
 
 @pytest.mark.parametrize("backend", backends())
@@ -270,6 +279,34 @@ def test_failed_frames_are_skipped_with_a_warning(videos, monkeypatch):
     with pytest.raises(MediaError, match="no frame"), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         load_video(videos["mp4"], num_frames=4, backend="opencv")
+
+
+def test_decode_workers():
+    assert decode_workers(1, 16) == 1
+    assert decode_workers(8, 16) == 2  # at least MIN_FRAMES_PER_WORKER frames each
+    assert decode_workers(32, 2) == 2  # at most one per CPU
+    assert decode_workers(1024, 64) == 8  # and at most MAX_DECODE_WORKERS
+
+
+@pytest.mark.parametrize("backend", backends())
+def test_parallel_decoding_gives_the_serial_result(videos, backend, monkeypatch):
+    monkeypatch.setenv("VILA_VIDEO_THREADS", "1")
+    serial = load_video(videos["avi"], num_frames=40, backend=backend)
+    monkeypatch.setenv("VILA_VIDEO_THREADS", "5")
+    parallel = load_video(videos["avi"], num_frames=40, backend=backend)
+    assert parallel.indices == serial.indices == list(range(40))
+    assert [frame_id(f) for f in parallel.frames] == parallel.indices
+    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(serial.frames, parallel.frames))
+
+
+def test_errors_in_decoder_threads_reach_the_caller(videos, monkeypatch):
+    monkeypatch.setenv("VILA_VIDEO_THREADS", "4")
+
+    def broken(image: PIL.Image.Image) -> PIL.Image.Image:
+        raise ZeroDivisionError("from the transform")
+
+    with pytest.raises(ZeroDivisionError, match="from the transform"):
+        load_video(videos["mp4"], num_frames=30, transform=broken)
 
 
 def test_transform_and_progress(videos, capsys):

@@ -108,8 +108,7 @@ def content_digest(source: Any) -> str | None:
     an array or tensor, or a sequence of frames. None for URLs and anything else (not cached)."""
     h = hashlib.sha256()
     if isinstance(source, (bytes, bytearray, memoryview)):
-        h.update(b"bytes")
-        h.update(source)
+        h.update(source)  # same digest as the file holding these bytes
     elif isinstance(source, PIL.Image.Image):
         _update_pil(h, source)
     elif isinstance(source, (np.ndarray, torch.Tensor)):
@@ -140,7 +139,6 @@ def content_digest(source: Any) -> str | None:
 
 
 def _update_file(h: Any, path: Path) -> None:
-    h.update(b"file")
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(_CHUNK), b""):
             h.update(chunk)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+from typing import Any
+
 import torch
 
 from .errors import DeviceError, UsageError
@@ -56,3 +59,80 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
     if key not in DTYPES:
         raise UsageError(f"unknown dtype {dtype!r}; use auto, float32, float16 or bfloat16")
     return DTYPES[key]
+
+
+def parse_devices(devices: str | Sequence[int | str]) -> list[int]:
+    """``"0,1"`` or ``[0, 1]`` -> CUDA device indices (the reference's ``devices=`` argument)."""
+    items = devices.split(",") if isinstance(devices, str) else list(devices)
+    try:
+        ids = [int(str(d).strip().removeprefix("cuda:")) for d in items if str(d).strip()]
+    except ValueError as e:
+        raise UsageError(f"devices must be GPU indices like 0,1; got {devices!r}") from e
+    if not ids or len(set(ids)) != len(ids) or min(ids) < 0:
+        raise UsageError(f"devices must be distinct GPU indices like 0,1; got {devices!r}")
+    return ids
+
+
+def parse_max_memory(max_memory: str | Mapping[Any, Any]) -> dict[int | str, int | str]:
+    """``"0=20GiB,1=20GiB,cpu=64GiB"`` or a dict -> accelerate's ``max_memory`` (GPU keys as ints)."""
+    if isinstance(max_memory, str):
+        pairs = [p.split("=", 1) for p in max_memory.split(",") if p.strip()]
+        if not pairs or any(len(p) != 2 or not p[1].strip() for p in pairs):
+            raise UsageError(f"max_memory must look like 0=20GiB,1=20GiB,cpu=64GiB; got {max_memory!r}")
+        max_memory = {k.strip(): v.strip() for k, v in pairs}
+    out: dict[int | str, int | str] = {}
+    for key, value in max_memory.items():
+        k = str(key).strip().removeprefix("cuda:")
+        if k.isdigit():
+            out[int(k)] = value
+        elif k in ("cpu", "disk", "mps"):
+            out[k] = value
+        else:
+            raise UsageError(f"max_memory key {key!r} is not a GPU index, 'cpu' or 'disk'")
+    if not out:
+        raise UsageError("max_memory is empty; give at least one device, e.g. 0=20GiB")
+    return out
+
+
+def plan_placement(
+    device: str | torch.device | None,
+    device_map: Any,
+    devices: str | Sequence[int | str] | None,
+    max_memory: str | Mapping[Any, Any] | None,
+) -> tuple[torch.device, Any, dict[int | str, int | str] | None]:
+    """Where the weights go: ``(first device, LLM device_map, max_memory)``.
+
+    The vision tower and projector live on the first device (where the LLM's embeddings are); with several GPUs
+    accelerate shards the LLM over them. ``devices=[0, 1]`` is the reference's shortcut for
+    ``device_map="auto"`` plus ``max_memory`` = each listed GPU's full memory (spec cli_api.md §9.3).
+    """
+    if device is not None and (device_map is not None or devices is not None or max_memory is not None):
+        raise UsageError("pass either device or device_map/devices/max_memory, not both")
+    if devices is not None:
+        if max_memory is not None:
+            raise UsageError("pass either devices or max_memory, not both (devices sets max_memory)")
+        if device_map not in (None, "auto"):
+            raise UsageError("devices= implies device_map='auto'; do not pass another device_map")
+        ids = parse_devices(devices)
+        if not torch.cuda.is_available():
+            raise DeviceError(f"devices {ids} requested but CUDA is not available here; use --device cpu")
+        count = torch.cuda.device_count()
+        if max(ids) >= count:
+            raise DeviceError(f"GPU {max(ids)} does not exist: {count} CUDA device(s) visible")
+        memory: dict[int | str, int | str] = {i: torch.cuda.get_device_properties(i).total_memory for i in ids}
+        return torch.device("cuda", ids[0]), "auto", memory
+    if max_memory is not None:
+        memory = parse_max_memory(max_memory)
+        gpus = sorted(k for k in memory if isinstance(k, int))
+        if gpus and not torch.cuda.is_available():
+            raise DeviceError(f"max_memory names GPU(s) {gpus} but CUDA is not available here")
+        first = torch.device("cuda", gpus[0]) if gpus else resolve_device("mps" if "mps" in memory else "cpu")
+        return first, device_map if device_map is not None else "auto", memory
+    if device_map is not None:
+        if isinstance(device_map, Mapping) and device_map:
+            first_value = next(iter(device_map.values()))
+            target = f"cuda:{first_value}" if isinstance(first_value, int) else first_value
+            return resolve_device(target), device_map, None
+        return resolve_device(None), device_map, None
+    dev = resolve_device(device)
+    return dev, {"": dev}, None

@@ -8,8 +8,8 @@ from typing import Any
 import torch
 
 from .checkpoint import resolve_checkpoint
-from .config import ASPECT_RATIO_MODES, parse_config
-from .device import resolve_device, resolve_dtype
+from .config import ASPECT_RATIO_MODES, VilaConfig, parse_config, read_json
+from .device import plan_placement, resolve_dtype
 from .errors import UnsupportedModelError, UsageError
 from .model.vila import VilaModel, load_llm, load_projector
 from .model.vision import build_tower
@@ -26,6 +26,10 @@ def load(
     conv_mode: str = "auto",
     revision: str | None = None,
     cache_dir: str | os.PathLike | None = None,
+    lora: str | os.PathLike | None = None,
+    quantization: Any = None,
+    devices: str | list[int] | None = None,
+    max_memory: Any = None,
 ) -> VilaModel:
     """Load a VILA / NVILA checkpoint from a local folder or a Hugging Face hub id.
 
@@ -33,6 +37,12 @@ def load(
     supported) on CUDA, fp16 on MPS and fp32 on CPU. ``device_map="auto"`` shards the LLM over all GPUs
     (vision tower and projector stay on the first). ``conv_mode="auto"`` picks the template the checkpoint
     was trained with; pass a name (``vicuna_v1``, ``llama_3``, ``hermes-2``, ``plain``) to override it.
+
+    ``devices=[0, 1]`` shards the LLM over those GPUs (the reference's shortcut for ``device_map="auto"`` with
+    their full memory); ``max_memory={0: "20GiB", 1: "20GiB"}`` caps each. ``quantization="8bit"`` / ``"4bit"``
+    (or a ``BitsAndBytesConfig``) loads the LLM through bitsandbytes (CUDA only); tower and projector stay 16-bit.
+    ``lora=`` a peft LoRA adapter folder or hub id trained on this base model: merged into the weights (kept
+    unmerged on top of 8-/4-bit weights).
     """
     if conv_mode != "auto":
         get_template(conv_mode)  # fail fast on a typo, before minutes of loading
@@ -44,14 +54,30 @@ def load(
         )
     if cfg.image_aspect_ratio == "pad" and cfg.processor.kind == "intern":
         raise UnsupportedModelError("image_aspect_ratio 'pad' cannot be used with the InternViT tower (it has no image mean)")
+    if not any(cfg.llm_dir.glob("*.safetensors")):
+        raise UnsupportedModelError(
+            f"{cfg.llm_dir} holds no safetensors weights: AWQ / TinyChat checkpoints (*-AWQ, quantised .pt files) and "
+            "pickled .bin weights are not supported; use the original checkpoint (e.g. without the -AWQ suffix)"
+        )
 
-    dev = resolve_device(device)
+    dev, llm_map, memory = plan_placement(device, device_map, devices, max_memory)
     dt = resolve_dtype(dtype, dev)
-    if device_map is not None and device is not None:
-        raise UsageError("pass either device or device_map, not both")
+    extra: dict[str, Any] = {} if memory is None else {"max_memory": memory}
+    if quantization is not None:
+        from .quantization import check_runtime, quantization_config
+
+        if dtype is None and dt == torch.float32:
+            dt = torch.float16  # the reference's dtype for the 16-bit vision side
+        extra["quantization_config"] = quantization_config(quantization, dt)  # validates before the runtime check
+        check_runtime(dev, dt)
 
     tokenizer = load_tokenizer(cfg.llm_dir)
-    if conv_mode == "auto":
+    remote_template, remote_mode = remote_chat_template(cfg) if conv_mode == "auto" else (None, None)
+    if remote_template is not None:
+        tokenizer.chat_template = remote_template  # rendered by transformers' sandboxed Jinja, as any chat template
+    elif remote_mode is not None:
+        conv_mode = remote_mode
+    elif conv_mode == "auto":
         vocab = tokenizer.get_vocab()
         conv_mode = detect_conv_mode(
             os.fspath(path_or_id),
@@ -59,12 +85,46 @@ def load(
             vocab_markers=frozenset(t for t in ("<|eot_id|>", "<|im_start|>") if t in vocab),
             training_version=cfg.training_conv_version,
         )
-    llm = load_llm(cfg, dt, device_map if device_map is not None else {"": dev})
+    llm = load_llm(cfg, dt, llm_map, extra)
     first = llm.get_input_embeddings().weight.device
+    if first.type == "meta":  # embeddings offloaded to disk by accelerate: keep the vision side on the device
+        first = dev
     if cfg.top_down is not None:  # VILA-HD: PS3 tower + top-down projector (spec vila_hd.md)
         from .model.vila_hd import load_vila_hd
 
-        return load_vila_hd(cfg, tokenizer, llm, dt, first, conv_mode)
-    tower = build_tower(cfg.vision, cfg.vision_dir, dt, first).eval()
-    projector = load_projector(cfg, cfg.projector_dir, dt, first)
-    return VilaModel(cfg, tokenizer, llm, tower, projector, conv_mode)
+        model = load_vila_hd(cfg, tokenizer, llm, dt, first, conv_mode)
+    else:
+        tower = build_tower(cfg.vision, cfg.vision_dir, dt, first).eval()
+        projector = load_projector(cfg, cfg.projector_dir, dt, first)
+        model = VilaModel(cfg, tokenizer, llm, tower, projector, conv_mode)
+    if lora is not None:
+        from .lora import apply_lora
+
+        apply_lora(model, lora, merge=quantization is None, revision=None, cache_dir=cache_dir)
+    return model
+
+
+def remote_chat_template(cfg: VilaConfig) -> tuple[str | None, str | None]:
+    """``(jinja text, conv mode)`` named by a remote-code (``-hf-preview``, model_type ``vila``) config.
+
+    Converted VILA1.5 checkpoints store a conv-mode name in ``config.json`` ``chat_template`` and the Jinja file
+    ``<root>/<name>.jinja``, which the remote code installs after removing every 4-space run and newline (spec
+    prompt.md §6.9, quirk #27; its output differs slightly from the legacy template and is reproduced). Only the
+    Jinja text is used; the shipped ``.py`` files are never read. Without the file, a known conv-mode name
+    selects that legacy template.
+    """
+    if cfg.model_type != "vila":
+        return None, None
+    name = read_json(cfg.root / "config.json").get("chat_template")
+    if not isinstance(name, str) or not name:
+        return None, None
+    path = cfg.root / f"{name}.jinja"
+    if path.is_file():
+        return path.read_text(encoding="utf-8").replace("    ", "").replace("\n", ""), None
+    try:
+        return None, get_template(name).name
+    except UsageError as e:
+        raise UnsupportedModelError(
+            f"config.json names chat_template {name!r} but {path.name} is missing; re-download the checkpoint "
+            "or pass conv_mode (--conv-mode)"
+        ) from e

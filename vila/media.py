@@ -22,6 +22,7 @@ from .errors import MediaError
 PathLike = Union[str, os.PathLike]
 
 URL_TIMEOUT_S = 30
+MIN_IMAGE_SIDE = 4  # pixels; smaller images (1x1, 1-pixel strips) carry nothing to describe
 
 
 @dataclass(frozen=True, eq=False)
@@ -108,7 +109,28 @@ def _open(fp: Any, name: str) -> PIL.Image.Image:
 
 
 def _to_rgb(img: PIL.Image.Image, name: str) -> PIL.Image.Image:
+    if min(img.size) < MIN_IMAGE_SIDE:
+        raise MediaError(
+            f"image {name} is {img.width}x{img.height} pixels, too small to look at; "
+            f"give an image of at least {MIN_IMAGE_SIDE}x{MIN_IMAGE_SIDE} pixels"
+        )
+    if img.mode in ("I", "F") or img.mode.startswith("I;16"):
+        img = _to_8bit(img)
     try:
         return img if img.mode == "RGB" else img.convert("RGB")
     except (OSError, ValueError) as e:
         raise MediaError(f"cannot convert image {name} (mode {img.mode}) to RGB: {e}") from e
+
+
+def _to_8bit(img: PIL.Image.Image) -> PIL.Image.Image:
+    """16-bit / 32-bit grayscale -> 8-bit. PIL's own ``convert("RGB")`` clips at 255, which turns a 16-bit
+    image almost entirely white (the reference's behaviour); scaling keeps the picture."""
+    import numpy as np
+
+    a = np.asarray(img, dtype=np.float64)
+    peak = a.max(initial=0)
+    if img.mode.startswith("I;16"):
+        top = 65535.0
+    else:  # "I" (how PIL opens many 16-bit PNGs) or "F": guess the range from the data
+        top = 1.0 if img.mode == "F" and peak <= 1.0 else 65535.0 if peak > 255 else 255.0
+    return PIL.Image.fromarray(np.clip(np.rint(a * (255.0 / top)), 0, 255).astype(np.uint8), mode="L")

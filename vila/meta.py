@@ -91,7 +91,9 @@ def build_vision(cfg: VilaConfig) -> tuple[nn.Module, str]:
         with torch.device("meta"):
             model = InternVisionModel(InternVisionConfig.from_dict(raw))
         return model, ""
-    raise UnsupportedModelError(f"the {cfg.vision.kind!r} vision tower cannot be built by this version of vila")
+    raise UnsupportedModelError(
+        f"vila.meta cannot build the {cfg.vision.kind!r} vision tower (VILA-HD / PS3); only siglip and intern"
+    )
 
 
 def build_meta(

@@ -51,37 +51,52 @@ def closest_grid(width: int, height: int, grids: tuple[Grid, ...], tile: int) ->
     return best
 
 
+def grid_tiles(image: PIL.Image.Image, cols: int, rows: int, tile: int) -> np.ndarray:
+    """Resize to ``(tile*cols, tile*rows)`` and cut row-major tiles: ``(cols*rows, tile, tile, 3)`` uint8.
+
+    The same pixels as a PIL crop per tile; slicing one array avoids a crop and a conversion per tile.
+    """
+    a = np.asarray(image.resize((tile * cols, tile * rows)))
+    rest = a.shape[2:]
+    return a.reshape(rows, tile, cols, tile, *rest).swapaxes(1, 2).reshape(rows * cols, tile, tile, *rest)
+
+
 def crop_tiles(image: PIL.Image.Image, cols: int, rows: int, tile: int) -> list[PIL.Image.Image]:
-    """Resize to ``(tile*cols, tile*rows)`` and cut row-major tiles."""
-    resized = image.resize((tile * cols, tile * rows))
-    return [
-        resized.crop((c * tile, r * tile, (c + 1) * tile, (r + 1) * tile)) for r in range(rows) for c in range(cols)
-    ]
+    """:func:`grid_tiles` as PIL images."""
+    return [PIL.Image.fromarray(t) for t in grid_tiles(image, cols, rows, tile)]
 
 
-def dynamic_tiles(image: PIL.Image.Image, tile: int, min_num: int = 1, max_num: int = 12) -> list[PIL.Image.Image]:
+def dynamic_arrays(image: PIL.Image.Image, tile: int, min_num: int = 1, max_num: int = 12) -> np.ndarray:
     """InternVL-style tiles plus a thumbnail of the original when there is more than one tile (NVILA-Lite)."""
     cols, rows = closest_grid(image.width, image.height, candidate_grids(min_num, max_num), tile)
-    tiles = crop_tiles(image, cols, rows, tile)
+    tiles = grid_tiles(image, cols, rows, tile)
     if len(tiles) > 1:
-        tiles.append(image.resize((tile, tile)))
+        tiles = np.concatenate([tiles, np.asarray(image.resize((tile, tile)))[None]])
     return tiles
 
 
-def dynamic_s2_tiles(image: PIL.Image.Image, scales: tuple[int, ...], max_num: int) -> tuple[list[PIL.Image.Image], Grid]:
+def dynamic_s2_arrays(image: PIL.Image.Image, scales: tuple[int, ...], max_num: int) -> tuple[np.ndarray, Grid]:
     """Dynamic-S2 tiles (NVILA): square grids for every scale but the last, an aspect-ratio grid for the last.
 
     Returns the tiles, smallest scale first, and the last scale's block size as ``(rows, cols)``.
     """
     tile = scales[0]
-    tiles: list[PIL.Image.Image] = []
-    for scale in scales[:-1]:
-        k = scale // tile
-        tiles += crop_tiles(image, k, k, tile)
+    tiles = [grid_tiles(image, scale // tile, scale // tile, tile) for scale in scales[:-1]]
     min_num = (scales[-1] // tile) ** 2
     cols, rows = closest_grid(image.width, image.height, candidate_grids(min_num, max_num), tile)
-    tiles += crop_tiles(image, cols, rows, tile)
-    return tiles, (rows, cols)
+    tiles.append(grid_tiles(image, cols, rows, tile))
+    return np.concatenate(tiles), (rows, cols)
+
+
+def dynamic_tiles(image: PIL.Image.Image, tile: int, min_num: int = 1, max_num: int = 12) -> list[PIL.Image.Image]:
+    """:func:`dynamic_arrays` as PIL images."""
+    return [PIL.Image.fromarray(t) for t in dynamic_arrays(image, tile, min_num, max_num)]
+
+
+def dynamic_s2_tiles(image: PIL.Image.Image, scales: tuple[int, ...], max_num: int) -> tuple[list[PIL.Image.Image], Grid]:
+    """:func:`dynamic_s2_arrays` as PIL images."""
+    tiles, block = dynamic_s2_arrays(image, scales, max_num)
+    return [PIL.Image.fromarray(t) for t in tiles], block
 
 
 def pad_to_square(image: PIL.Image.Image, mean: tuple[float, float, float]) -> PIL.Image.Image:
@@ -103,22 +118,41 @@ def to_uint8(image: PIL.Image.Image, proc: ProcessorConfig) -> np.ndarray:
     return np.asarray(image, dtype=np.uint8)
 
 
-def normalize(pixels: np.ndarray, proc: ProcessorConfig) -> torch.Tensor:
-    """``(n, s, s, 3)`` uint8 -> ``(n, 3, s, s)`` float32 exactly as the processor computes it.
+@lru_cache(maxsize=16)
+def value_table(proc: ProcessorConfig) -> np.ndarray:
+    """``(3, 256)`` float32: the processor's output for every uint8 value of every channel.
 
-    One vectorised pass over all tiles instead of the reference's per-tile loop; every operation is an
-    IEEE elementwise op, so the result is bit-identical.
+    Built with the processor's own operations: the SigLIP processor's float64 rescale cast to float32, then
+    a float32 ``(x - mean) / std``; InternViT's float32 ``x / 255`` (ToTensor) then the same normalisation.
+    Each output pixel depends only on its byte and channel, so a table lookup is bit-identical.
     """
-    x = torch.from_numpy(np.ascontiguousarray(pixels))
-    if proc.do_rescale:
+    x = torch.arange(256, dtype=torch.uint8)[:, None].expand(256, 3)
+    if proc.kind == "intern":
+        x = x.to(torch.float32).div(255)
+    elif proc.do_rescale:
         x = (x.to(torch.float64) * proc.rescale_factor).to(torch.float32)
     else:
         x = x.to(torch.float32)
-    if proc.do_normalize:
+    if proc.kind == "intern" or proc.do_normalize:
         mean = torch.tensor(proc.image_mean, dtype=torch.float32)
         std = torch.tensor(proc.image_std, dtype=torch.float32)
         x = (x - mean) / std
-    return x.permute(0, 3, 1, 2).contiguous()  # (n, 3, s, s)
+    return np.ascontiguousarray(x.T.numpy())
+
+
+def normalize(pixels: np.ndarray, proc: ProcessorConfig) -> torch.Tensor:
+    """``(n, s, s, 3)`` uint8 -> ``(n, 3, s, s)`` float32 exactly as the processor computes it.
+
+    A lookup in :func:`value_table` per channel, written straight into channel-first layout: one pass over
+    all tiles instead of the reference's per-tile float64 pipeline, and bit-identical to it.
+    """
+    table = value_table(proc)
+    n, h, w, _ = pixels.shape
+    out = np.empty((n, 3, h, w), dtype=np.float32)
+    for i in range(n):  # contiguous (h, w) destinations: ~2x faster than strided ones
+        for c in range(3):
+            np.take(table[c], pixels[i, ..., c], out=out[i, c])
+    return torch.from_numpy(out)
 
 
 def to_pixels(tiles: list[PIL.Image.Image], proc: ProcessorConfig) -> torch.Tensor:
@@ -126,10 +160,7 @@ def to_pixels(tiles: list[PIL.Image.Image], proc: ProcessorConfig) -> torch.Tens
     if proc.kind == "intern":
         # InternViT: torchvision Resize on a PIL image (= PIL bicubic), ToTensor, ImageNet mean/std.
         arrays = [np.asarray(t.resize((proc.size, proc.size), PIL.Image.BICUBIC), dtype=np.uint8) for t in tiles]
-        x = torch.from_numpy(np.stack(arrays)).to(torch.float32).div(255)
-        mean = torch.tensor(proc.image_mean, dtype=torch.float32)
-        std = torch.tensor(proc.image_std, dtype=torch.float32)
-        return ((x - mean) / std).permute(0, 3, 1, 2).contiguous()
+        return normalize(np.stack(arrays), proc)
     return normalize(np.stack([to_uint8(t, proc) for t in tiles]), proc)
 
 
@@ -160,12 +191,13 @@ class ImageBatch:
 def preprocess_images(images: list[PIL.Image.Image], cfg: VilaConfig) -> ImageBatch:
     """Apply the reference's per-prompt decision (spec §3.0): tiling only for a single image."""
     proc, mode = cfg.processor, cfg.image_aspect_ratio
+    # Tiles are cut at the processor's size, so its own resize is a no-op and they go straight to normalize.
     if len(images) == 1 and mode == "dynamic":
-        tiles = dynamic_tiles(images[0], proc.size, cfg.min_tiles, cfg.max_tiles)
-        return ImageBatch(to_pixels(tiles, proc), (len(tiles),), None, (len(tiles),))
+        tiles = dynamic_arrays(images[0], proc.size, cfg.min_tiles, cfg.max_tiles)
+        return ImageBatch(normalize(tiles, proc), (len(tiles),), None, (len(tiles),))
     if len(images) == 1 and mode == "dynamic_s2":
-        tiles, block = dynamic_s2_tiles(images[0], cfg.vision.scales, cfg.max_tiles)
-        return ImageBatch(to_pixels(tiles, proc), (len(tiles),), (block,), (1,))
+        tiles, block = dynamic_s2_arrays(images[0], cfg.vision.scales, cfg.max_tiles)
+        return ImageBatch(normalize(tiles, proc), (len(tiles),), (block,), (1,))
     tiles = [single_tile(img, mode, proc) for img in images]
     ones = (1,) * len(images)
     return ImageBatch(to_pixels(tiles, proc), ones, None, ones)

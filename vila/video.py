@@ -3,10 +3,10 @@
 Frames are chosen exactly as the reference llava loader chooses them (media_loading.md §7.3 steps 1-2, the project
 path of media_encoders.md §5.8): uniform ``round(linspace(0, n - 1, num_frames))`` or, with ``fps > 0``, timestamp
 sampling; the frame count is the last decodable frame, as the reference finds it. What differs is how the frames are
-decoded: only the sampled frames, seeking to the keyframe before each (decord) or grabbing forward over short gaps
-(OpenCV), instead of the reference's one OpenCV seek per frame, which decodes from the keyframe before ``i - 16``.
-Frame metadata (count, fps) always comes from OpenCV when it is installed, so the indices equal the reference's
-whichever backend decodes.
+decoded: only the distinct sampled frames, in index order, grabbing forward over short gaps instead of seeking (an
+OpenCV seek restarts decoding at the keyframe before ``i - 16``), with several decoders in threads for many frames,
+and without the reference's separate last-frame seek when the last frame is sampled anyway. Frame metadata (count,
+fps) comes from OpenCV whenever it is installed, so the indices are the reference's whichever backend decodes.
 """
 
 from __future__ import annotations
@@ -14,14 +14,17 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import queue
 import re
 import sys
 import tempfile
+import threading
 import urllib.error
 import urllib.parse
 import urllib.request
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -33,6 +36,9 @@ from .errors import MediaError, UsageError
 from .media import URL_TIMEOUT_S, Image, Video, is_url, load_image
 
 BACKENDS = ("decord", "opencv")
+# backend=None tries these in order. OpenCV first: it is what the reference decodes with (same frame numbering on
+# every file), and on the benchmark (scripts/bench_video.py) decord spent more CPU per frame, not less.
+AUTO_BACKENDS = ("opencv", "decord")
 # More frames than this get a progress bar when ``progress`` is None.
 PROGRESS_MIN_FRAMES = 64
 # OpenCV seeks to the keyframe before ``i - 16`` and decodes forward, so grabbing forward is cheaper over shorter gaps.
@@ -40,6 +46,9 @@ OPENCV_MAX_GRAB_GAP = 32
 # A container that reports no (or a negative) frame count is counted by decoding; this bounds that count.
 MAX_COUNTED_FRAMES = 10_000_000
 DOWNLOAD_CHUNK = 1 << 20
+# Parallel decoding of many frames: contiguous runs of at least this many frames, one decoder each.
+MAX_DECODE_WORKERS = 8
+MIN_FRAMES_PER_WORKER = 4
 
 FrameTransform = Callable[[PIL.Image.Image], PIL.Image.Image]
 
@@ -148,11 +157,12 @@ def load_video(
 ) -> DecodedVideo:
     """Sample and decode the frames of a video file, URL, directory of frames or in-memory frame sequence.
 
-    ``backend``: None tries decord and falls back to OpenCV when decord is missing, cannot open the file or disagrees
-    with OpenCV on the frame count; ``"decord"`` / ``"opencv"`` force one. ``progress``: None shows a bar (stderr) when
-    more than ``PROGRESS_MIN_FRAMES`` frames are decoded, and for downloads. ``transform`` (optional) is applied to
-    each decoded RGB frame at once, e.g. the preprocessing resize, so a long video never holds every frame at full
-    resolution. Frames that fail to decode are skipped with a warning; none at all raises MediaError.
+    ``backend``: None tries ``AUTO_BACKENDS`` in order (OpenCV, then decord for files OpenCV cannot open; decord is
+    only taken when it agrees with OpenCV's frame count); ``"decord"`` / ``"opencv"`` force one. ``progress``: None
+    shows a bar (stderr) when more than ``PROGRESS_MIN_FRAMES`` frames are decoded, and for downloads. ``transform``
+    (optional) is applied to each decoded RGB frame at once, e.g. the preprocessing resize, so a long video never
+    holds every frame at full resolution. Frames that fail to decode are skipped with a warning; none at all raises
+    MediaError. ``bytes`` (or a binary file object) are the encoded video itself.
     """
     if isinstance(source, Video):
         source = source.source
@@ -247,8 +257,7 @@ def _load_frame_dir(directory: Path, num_frames: int, progress: bool | None, tra
     files = list_frame_files(directory)
     if not files:
         raise MediaError(f"no image files in {directory}; a frame directory must hold images (.jpg, .png, ...)")
-    video = _load_sequence(files, num_frames, progress, transform, f"{directory} ({len(files)} frames)")
-    return video
+    return _load_sequence(files, num_frames, progress, transform, f"{directory} ({len(files)} frames)")
 
 
 def _load_sequence(
@@ -260,20 +269,18 @@ def _load_sequence(
         raise MediaError(f"{name} holds no frames; pass at least one frame")
     wanted = sorted(set(indices))
     decoded: dict[int, PIL.Image.Image] = {}
-    failed: list[int] = []
     with _progress_bar(len(wanted), progress, "reading frames") as bar:
         for i in wanted:
             item = items[i]
             if isinstance(item, (str, os.PathLike)):
                 try:
                     decoded[i] = transform(load_image(Image(item)))
-                except MediaError as e:
-                    warnings.warn(f"skipping frame {i}: {e}", stacklevel=4)
-                    failed.append(i)
+                except MediaError as e:  # like a frame of a video file that fails to decode
+                    warnings.warn(f"skipping frame {i} of {name}: {e}", stacklevel=4)
             else:
                 decoded[i] = transform(_frame_to_pil(item, i))
             bar.update(1)
-    return _result(decoded, indices, failed, duration=0.0, name=name)
+    return _result(decoded, indices, [], duration=0.0, name=name)
 
 
 def _frame_to_pil(item: Any, index: int) -> PIL.Image.Image:
@@ -311,12 +318,13 @@ class _OpenCVReader:
 
     name = "opencv"
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, threads: int = 0) -> None:
         import cv2
 
         self._cv2 = cv2
         self._path = str(path)
-        self._cap = cv2.VideoCapture(self._path, cv2.CAP_FFMPEG)
+        params = [cv2.CAP_PROP_N_THREADS, threads] if threads > 0 else []
+        self._cap = cv2.VideoCapture(self._path, cv2.CAP_FFMPEG, params)
         if not self._cap.isOpened():
             self._cap.release()
             raise MediaError(f"{path} is not a video OpenCV can open")
@@ -380,11 +388,11 @@ class _DecordReader:
 
     name = "decord"
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, threads: int = 0) -> None:
         import decord
 
         try:
-            self._vr = decord.VideoReader(str(path), num_threads=0)
+            self._vr = decord.VideoReader(str(path), num_threads=threads)
         except Exception as e:  # decord raises RuntimeError / DECORDError / AssertionError for unreadable files
             raise MediaError(f"{path} is not a video decord can open: {_first_line(e)}") from e
         self.frame_count = len(self._vr)
@@ -429,37 +437,39 @@ def _first_line(error: BaseException) -> str:
 @contextlib.contextmanager
 def _open_reader(path: Path, backend: str | None, name: str) -> Iterator[tuple[_Reader, int, float]]:
     """Open the decoding backend and read the frame count / fps (OpenCV's when available, as the reference)."""
+    have = {"opencv": _importable("cv2"), "decord": _importable("decord")}
+    if backend == "opencv" and not have["opencv"]:
+        raise MediaError("video backend 'opencv' needs OpenCV: pip install opencv-python-headless")
+    if backend == "decord" and not have["decord"]:
+        raise MediaError("video backend 'decord' is not installed: pip install decord, or use backend='opencv'")
+    if not any(have.values()):
+        raise MediaError("decoding videos needs OpenCV or decord: pip install opencv-python-headless")
     meta: _OpenCVReader | None = None
     reader: _Reader | None = None
     failed: list[str] = []  # backends that cannot open the file
-    have_cv2 = _importable("cv2")
-    have_decord = _importable("decord")
-    if backend == "opencv" and not have_cv2:
-        raise MediaError("video backend 'opencv' needs OpenCV: pip install opencv-python-headless")
-    if backend == "decord" and not have_decord:
-        raise MediaError("video backend 'decord' is not installed: pip install decord, or use backend='opencv'")
-    if not have_cv2 and not have_decord:
-        raise MediaError("decoding videos needs OpenCV or decord: pip install opencv-python-headless")
     try:
-        if have_cv2:
+        if have["opencv"]:
             try:
                 meta = _OpenCVReader(path)
             except MediaError:
                 failed.append("OpenCV")
-        if backend != "opencv" and have_decord:
-            try:
-                candidate = _DecordReader(path)
-            except MediaError:
-                failed.append("decord")
-            else:
-                # decord numbers frames its own way when the container's count is missing or wrong; indices must
-                # mean what they mean to the reference's OpenCV, so only use decord when both agree.
+        for candidate_name in [backend] if backend else AUTO_BACKENDS:
+            if candidate_name == "opencv" and meta is not None:
+                reader = meta
+            elif candidate_name == "decord" and have["decord"]:
+                try:
+                    candidate = _DecordReader(path)
+                except MediaError:
+                    failed.append("decord")
+                    continue
+                # decord numbers frames its own way when the container's count is missing or wrong; indices must mean
+                # what they mean to the reference's OpenCV, so automatic mode only takes decord when both agree.
                 if backend == "decord" or meta is None or candidate.frame_count == meta.frame_count:
                     reader = candidate
                 else:
                     candidate.close()
-        if reader is None and backend != "decord":
-            reader = meta
+            if reader is not None:
+                break
         if reader is None:
             raise MediaError(
                 f"cannot decode {name}: not a video, or truncated or corrupt ({' and '.join(failed)} cannot open it); "
@@ -517,11 +527,11 @@ def _load_file(
         while indices:
             todo = sorted(set(indices) - decoded.keys() - failed)
             with _progress_bar(len(todo), progress, "decoding frames") as bar:
-                for i, frame in reader.read(todo):
+                for i, frame in _read_frames(reader, path, todo, transform):
                     if frame is None:
                         failed.add(i)
                     else:
-                        decoded[i] = transform(frame)
+                        decoded[i] = frame
                     bar.update(1)
             if frame_count - 1 not in failed:
                 break
@@ -533,6 +543,70 @@ def _load_file(
             indices = sample_indices(frame_count, num_frames, fps=fps, video_fps=video_fps)
         duration = frame_count / video_fps if video_fps > 0 else 0.0
         return _result(decoded, indices, sorted(failed.intersection(indices)), duration=duration, name=name)
+
+
+def video_cpus() -> int:
+    """CPUs the decoders may use: ``$VILA_VIDEO_THREADS`` when set, else the CPUs this process may run on."""
+    env = os.environ.get("VILA_VIDEO_THREADS", "")
+    if env.isdigit() and int(env) > 0:
+        return int(env)
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def decode_workers(frames: int, cpus: int) -> int:
+    """Parallel decoders for ``frames`` frames: one per CPU, at most ``MAX_DECODE_WORKERS``, each with at least
+    ``MIN_FRAMES_PER_WORKER`` frames (opening a decoder and its first seek have a cost)."""
+    return max(1, min(cpus, frames // MIN_FRAMES_PER_WORKER, MAX_DECODE_WORKERS))
+
+
+def _read_frames(
+    reader: _Reader, path: Path, todo: list[int], transform: FrameTransform
+) -> Iterator[tuple[int, PIL.Image.Image | None]]:
+    """Decode the sorted indices ``todo``, transformed, as they arrive.
+
+    Many frames are split into contiguous runs, each decoded by its own decoder in a thread (OpenCV and decord
+    release the GIL while decoding), so the seeks and decoding of the runs overlap.
+    """
+    cpus = video_cpus()
+    workers = decode_workers(len(todo), cpus)
+    if workers == 1:
+        for i, frame in reader.read(todo):
+            yield i, None if frame is None else transform(frame)
+        return
+    threads = max(1, cpus // workers)
+    chunks = [chunk.tolist() for chunk in np.array_split(np.asarray(todo), workers)]
+    results: queue.Queue[tuple[int, PIL.Image.Image | None, BaseException | None]] = queue.Queue()
+    stop = threading.Event()
+
+    def work(k: int, chunk: list[int]) -> None:
+        own: _Reader | None = None
+        try:
+            # The first run reuses the reader that is already open; the others open their own.
+            source = reader if k == 0 else (own := type(reader)(path, threads))
+            for i, frame in source.read(chunk):
+                if stop.is_set():
+                    return
+                results.put((i, None if frame is None else transform(frame), None))
+        except BaseException as e:  # handed to the caller's thread, which re-raises it
+            results.put((-1, None, e))
+        finally:
+            if own is not None:
+                own.close()
+
+    with ThreadPoolExecutor(workers, thread_name_prefix="vila-video") as pool:
+        for k, chunk in enumerate(chunks):
+            pool.submit(work, k, chunk)
+        try:
+            for _ in range(len(todo)):
+                i, frame, error = results.get()
+                if error is not None:
+                    raise error
+                yield i, frame
+        finally:
+            stop.set()
 
 
 def _result(

@@ -379,10 +379,12 @@ class PS3Tower(nn.Module):
         g = self.config.pos_grid
         if h == w == g:
             return pe
+        # antialiased bicubic has no MPS kernel; the table is small, so resample it on the CPU there
         x = pe.float().reshape(1, g, g, -1).permute(0, 3, 1, 2)
+        x = x.cpu() if x.device.type == "mps" else x
         side = max(h, w)
         x = F.interpolate(x, size=(side, side), mode="bicubic", antialias=True)[:, :, :h, :w]
-        return x.permute(0, 2, 3, 1).reshape(1, h * w, -1).to(pe.dtype)
+        return x.permute(0, 2, 3, 1).reshape(1, h * w, -1).to(pe.device, pe.dtype)
 
     # -- selection -------------------------------------------------------------------------------------
     def selection_probs(

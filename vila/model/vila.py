@@ -19,11 +19,14 @@ import PIL.Image
 import torch
 from torch import nn
 
+from ..cache import FeatureCache, content_digest, media_key
 from ..config import VilaConfig
-from ..errors import CheckpointError, MediaError, PromptTooLongError, UsageError
+from ..errors import CheckpointError, MediaError, PromptTooLongError, UsageError, VilaError
 from ..media import Image, Video, load_image
-from ..preprocess import preprocess_frames, preprocess_images
+from ..preprocess import ImageBatch, preprocess_frames, preprocess_images
 from ..prompt import IMAGE_TOKEN, VIDEO_TOKEN, Template, build_user_text, get_template
+from ..streaming import TextStream, TokenClock
+from ..structured import json_logits_processor, parse_response_format
 from ..tokenizer import infer_stop_token_ids, media_token_ids
 from .encoders import encode_images, encode_video, wrap
 from .projector import MultimodalProjector
@@ -63,6 +66,60 @@ class GenerationResult:
     media_tokens: list[int]
     video_durations: list[float]
     timings: dict[str, float]
+
+
+@dataclass
+class _ImageItem:
+    """One image of a prompt: its encoded blocks (a cache hit, or after encoding) or its decoded pixels."""
+
+    key: str | None
+    blocks: list[torch.Tensor] | None = None  # one wrapped block per <image> token it occupies
+    image: PIL.Image.Image | None = None
+
+
+@dataclass
+class _VideoItem:
+    key: str | None
+    block: torch.Tensor | None = None
+    duration: float = 0.0
+    frames: list[Any] | None = None  # decoded frames, until preprocessed
+
+
+@dataclass
+class _MediaPlan:
+    """The media of one conversation on their way from parts to embedding blocks."""
+
+    tiled: bool
+    images: list[_ImageItem] = field(default_factory=list)
+    videos: list[_VideoItem] = field(default_factory=list)
+    batch: ImageBatch | None = None  # the images still to encode, preprocessed
+    frame_pixels: list[torch.Tensor] = field(default_factory=list)  # the videos still to encode
+
+    def preprocess(self, cfg: VilaConfig) -> None:
+        missing = [item.image for item in self.images if item.blocks is None]
+        if missing and (self.tiled or len(missing) > 1 or cfg.image_aspect_ratio not in ("dynamic", "dynamic_s2")):
+            self.batch = preprocess_images(missing, cfg)
+        elif missing:  # one uncached image of a multi-image prompt: a single tile, like all images there
+            self.batch = ImageBatch(preprocess_frames(missing, cfg), (1,), None, (1,))
+        for item in self.videos:
+            if item.frames is not None:
+                self.frame_pixels.append(preprocess_frames(item.frames, cfg))
+                item.frames = None
+
+
+def _concat_image_batches(batches: Sequence[ImageBatch]) -> ImageBatch | None:
+    """Several prompts' images as one batch for the vision tower (their tiles are independent)."""
+    if len(batches) <= 1:
+        return batches[0] if batches else None
+    blocks = None
+    if any(b.block_sizes is not None for b in batches):
+        blocks = tuple(s for b in batches for s in (b.block_sizes or (None,) * len(b.tiles_per_image)))
+    return ImageBatch(
+        pixel_values=torch.cat([b.pixel_values for b in batches]),
+        tiles_per_image=tuple(n for b in batches for n in b.tiles_per_image),
+        block_sizes=blocks,
+        tokens_per_image=tuple(n for b in batches for n in b.tokens_per_image),
+    )
 
 
 class VilaModel(nn.Module):
@@ -146,44 +203,152 @@ class VilaModel(nn.Module):
         num_video_frames: int | None = None,
         fps: float | None = None,
         video_max_tiles: int | None = None,
+        cache: FeatureCache | None = None,
     ) -> PreparedPrompt:
-        """Decode and encode the media of a conversation and build the LLM input embeddings."""
+        """Decode and encode the media of a conversation and build the LLM input embeddings.
+
+        ``cache`` (a :class:`vila.cache.FeatureCache`) skips decoding and encoding media it has seen.
+        """
+        (result,) = self.prepare_many(
+            [turns], template=template, num_video_frames=num_video_frames, fps=fps, video_max_tiles=video_max_tiles, cache=cache
+        )
+        return result
+
+    def prepare_many(
+        self,
+        conversations: Sequence[Sequence[Turn]],
+        *,
+        template: Template | None = None,
+        num_video_frames: int | None = None,
+        fps: float | None = None,
+        video_max_tiles: int | None = None,
+        cache: FeatureCache | None = None,
+        return_errors: bool = False,
+    ) -> list[Any]:
+        """:meth:`prepare` for several conversations: media not in ``cache`` go through the vision tower together.
+
+        With ``return_errors`` a conversation that fails (bad media, empty prompt) gets its :class:`VilaError`
+        in place of a :class:`PreparedPrompt` and the others go on. Timings are those of the whole call.
+        """
         template = template or self.template
         cfg = self.config if video_max_tiles is None else self.config.with_overrides(video_max_tiles=video_max_tiles)
+        results: list[Any] = [None] * len(conversations)
+
+        def attempt(i: int, fn: Any) -> Any:
+            try:
+                return fn()
+            except VilaError as e:
+                if not return_errors:
+                    raise
+                results[i] = e
+                return None
+
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
-
-        images: list[PIL.Image.Image] = []
-        videos = []
-        for turn in turns:
-            for part in turn.content:
-                if isinstance(part, (Image, PIL.Image.Image)):
-                    images.append(load_image(part))
-                elif isinstance(part, Video):
-                    from ..video import load_video
-
-                    videos.append(
-                        load_video(
-                            part,
-                            num_frames=num_video_frames or cfg.num_video_frames,
-                            fps=cfg.fps if fps is None else fps,
-                        )
-                    )
-                elif not isinstance(part, str):
-                    raise UsageError(
-                        f"unsupported prompt part {type(part).__name__}; use str, vila.Image, vila.Video or a PIL image"
-                    )
+        plans = [
+            attempt(i, lambda t=turns: self._plan_media(t, cfg, num_video_frames, fps, cache))
+            for i, turns in enumerate(conversations)
+        ]
         timings["media_decode_s"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        batch = preprocess_images(images, cfg) if images else None
-        frame_pixels = [preprocess_frames(v.frames, cfg) for v in videos]
+        for i, plan in enumerate(plans):
+            if plan is not None:
+                attempt(i, lambda p=plan: p.preprocess(cfg))
         timings["preprocess_s"] = time.perf_counter() - t0
 
-        # Render the conversation. In `dynamic` mode a single image becomes one "<image>\n" per tile.
+        t0 = time.perf_counter()
+        live = [i for i, plan in enumerate(plans) if plan is not None and results[i] is None]
+        with torch.no_grad():
+            try:
+                self._encode_plans([plans[i] for i in live], cache)
+            except VilaError:
+                if not return_errors or len(live) < 2:
+                    raise
+                for i in live:  # find out which conversation fails
+                    attempt(i, lambda p=plans[i]: self._encode_plans([p], cache))
+        timings["vision_encode_s"] = time.perf_counter() - t0
+
+        for i in live:
+            if results[i] is None:
+                prepared = attempt(i, lambda t=conversations[i], p=plans[i]: self._assemble(t, p, template, timings))
+                if prepared is not None:
+                    results[i] = prepared
+        return results
+
+    @property
+    def supports_feature_cache(self) -> bool:
+        """Whether :meth:`prepare` takes ``cache=`` (subclasses with their own media path, e.g. VILA-HD, do not)."""
+        cls = type(self)
+        return cls.prepare is VilaModel.prepare and cls._encode_media is VilaModel._encode_media
+
+    def _plan_media(
+        self, turns: Sequence[Turn], cfg: VilaConfig, num_video_frames: int | None, fps: float | None, cache: FeatureCache | None
+    ) -> _MediaPlan:
+        """Look every media item up in ``cache`` and decode the ones that miss."""
+        parts = [part for turn in turns for part in turn.content]
+        for part in parts:
+            if not isinstance(part, (str, Image, Video, PIL.Image.Image)):
+                raise UsageError(f"unsupported prompt part {type(part).__name__}; use str, vila.Image, vila.Video or a PIL image")
+        if all(isinstance(part, str) and not part.strip() for part in parts):
+            raise UsageError("the prompt is empty; give some text or at least one image or video")
+        num_images = sum(isinstance(part, (Image, PIL.Image.Image)) for part in parts)
+        # The reference tiles an image only when it is the prompt's only one (spec §3.0).
+        plan = _MediaPlan(tiled=num_images == 1 and cfg.image_aspect_ratio in ("dynamic", "dynamic_s2"))
+        context = f"{id(self)}|{self.dtype}|{self.device}|{cfg!r}" if cache is not None else ""
+        num_frames = num_video_frames or cfg.num_video_frames
+        video_fps = cfg.fps if fps is None else fps
+        for part in parts:
+            if isinstance(part, (Image, PIL.Image.Image)):
+                source = part.source if isinstance(part, Image) else part
+                key = None
+                if cache is not None:
+                    key = media_key("image-tiled" if plan.tiled else "image", content_digest(source), context)
+                blocks = cache.get(key) if cache is not None else None
+                plan.images.append(_ImageItem(key, blocks, None if blocks is not None else load_image(part)))
+            elif isinstance(part, Video):
+                key = None
+                if cache is not None:
+                    key = media_key(f"video:{num_frames}:{video_fps}", content_digest(part.source), context)
+                hit = cache.get(key) if cache is not None else None
+                if hit is not None:
+                    plan.videos.append(_VideoItem(key, block=hit[0], duration=hit[1]))
+                    continue
+                from ..video import load_video
+
+                decoded = load_video(part, num_frames=num_frames, fps=video_fps)
+                plan.videos.append(_VideoItem(key, duration=decoded.duration, frames=decoded.frames))
+        return plan
+
+    def _encode_plans(self, plans: Sequence[_MediaPlan], cache: FeatureCache | None) -> None:
+        """One :meth:`_encode_media` call for the missing media of all ``plans``; results go back into them."""
+        batches = [p.batch for p in plans if p.batch is not None]
+        frames = [pixels for p in plans for pixels in p.frame_pixels]
+        image_blocks, video_blocks = self._encode_media(_concat_image_batches(batches), frames)
+        images, videos = iter(image_blocks), iter(video_blocks)
+        for plan in plans:
+            if plan.batch is not None:
+                missing = [item for item in plan.images if item.blocks is None]
+                for item, count in zip(missing, plan.batch.tokens_per_image):
+                    item.blocks = [next(images) for _ in range(count)]
+                    item.image = None
+                    if cache is not None:
+                        cache.put(item.key, item.blocks)
+                plan.batch = None
+            for item in (v for v in plan.videos if v.block is None):
+                item.block = next(videos)
+                if cache is not None:
+                    cache.put(item.key, (item.block, item.duration))
+            plan.frame_pixels = []
+
+    def _assemble(self, turns: Sequence[Turn], plan: _MediaPlan, template: Template, timings: dict[str, float]) -> PreparedPrompt:
+        """Render the conversation and splice the media blocks into its embeddings."""
+        image_blocks = [block for item in plan.images for block in item.blocks]
+        video_blocks = [item.block for item in plan.videos]
+        # In `dynamic` mode a single image becomes one "<image>\n" per tile.
         image_token = IMAGE_TOKEN
-        if batch is not None and batch.tokens_per_image[0] > 1:
-            image_token = (IMAGE_TOKEN + "\n") * batch.tokens_per_image[0]
+        if plan.images and len(plan.images[0].blocks) > 1:
+            image_token = (IMAGE_TOKEN + "\n") * len(plan.images[0].blocks)
         messages = []
         for turn in turns:
             text = build_user_text(
@@ -196,12 +361,6 @@ class VilaModel(nn.Module):
             raise UsageError("the prompt is empty; give some text or at least one image or video")
         prompt_text = template.render(messages + [("assistant", None)], self.tokenizer)
         input_ids = torch.tensor(self.tokenizer(prompt_text).input_ids, dtype=torch.long)
-
-        t0 = time.perf_counter()
-        with torch.no_grad():
-            image_blocks, video_blocks = self._encode_media(batch, frame_pixels)
-        timings["vision_encode_s"] = time.perf_counter() - t0
-
         inputs_embeds = self._splice(input_ids, image_blocks, video_blocks)
         media_tokens = [b.shape[0] for b in image_blocks] + [b.shape[0] for b in video_blocks]
         return PreparedPrompt(
@@ -209,8 +368,8 @@ class VilaModel(nn.Module):
             inputs_embeds=inputs_embeds,
             prompt_text=prompt_text,
             media_tokens=media_tokens,
-            video_durations=[v.duration for v in videos],
-            timings=timings,
+            video_durations=[item.duration for item in plan.videos],
+            timings=dict(timings),
         )
 
     def _encode_media(self, batch: Any, frame_pixels: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -308,26 +467,27 @@ class VilaModel(nn.Module):
         decode_time_tokens: bool = False,
         streamer: Any = None,
         logits_processor: Any = None,
+        response_format: Any = None,
+        cache: FeatureCache | None = None,
+        stopping_criteria: Any = None,
     ) -> GenerationResult:
         """Like :meth:`generate_content`, returning token ids, counts and timings as well."""
+        t_start = time.perf_counter()
         validate_generation_args(max_new_tokens, temperature, top_p, top_k, num_video_frames, fps)
         if video_max_tiles is not None and (not isinstance(video_max_tiles, int) or video_max_tiles < 1):
             raise UsageError(f"video_max_tiles must be a positive integer, got {video_max_tiles!r}")
+        json_format = parse_response_format(response_format)  # fail before any media work
         if temperature is not None and temperature == 0:
             do_sample = False
         template = get_template(conv_mode) if conv_mode else self.template
         stop_ids = infer_stop_token_ids(self.tokenizer, template) if conv_mode else self.stop_token_ids
         turns = to_turns(prompt)
+        extra = {"cache": cache} if cache is not None and self.supports_feature_cache else {}
         prepared = self.prepare(
-            turns, template=template, num_video_frames=num_video_frames, fps=fps, video_max_tiles=video_max_tiles
+            turns, template=template, num_video_frames=num_video_frames, fps=fps, video_max_tiles=video_max_tiles, **extra
         )
         n = prepared.inputs_embeds.shape[0]
-        if n >= self.context_length:
-            media = ", ".join(str(m) for m in prepared.media_tokens) or "none"
-            raise PromptTooLongError(
-                f"the prompt needs {n} positions (media: {media}) but the model's context is {self.context_length}; "
-                "use fewer or smaller images, fewer video frames (num_video_frames / --num-video-frames) or a lower fps"
-            )
+        self.check_fits(prepared)
         if generation_config is None:
             generation_config = self.generation_config(
                 max_new_tokens=max_new_tokens,
@@ -339,9 +499,13 @@ class VilaModel(nn.Module):
                 stop_token_ids=stop_ids,
             )
         processors = self._logits_processors(logits_processor)
+        if json_format is not None:
+            budget = generation_config.max_new_tokens or (generation_config.max_length - n)
+            processors.append(json_logits_processor(self, json_format, [budget], stop_ids))
         if seed is not None:
             torch.manual_seed(seed)
 
+        clock = TokenClock(streamer)
         t0 = time.perf_counter()
         embeds = prepared.inputs_embeds[None].to(self._embed_device)
         with torch.no_grad():
@@ -350,9 +514,10 @@ class VilaModel(nn.Module):
                 attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device),
                 generation_config=generation_config,
                 logits_processor=processors,
-                streamer=streamer,
+                stopping_criteria=stopping_criteria,
+                streamer=clock,
             )
-        timings = dict(prepared.timings, generate_s=time.perf_counter() - t0)
+        timings = dict(prepared.timings, generate_s=time.perf_counter() - t0, **clock.timings(t_start, t0))
         ids = out[0].tolist()
         text = self.tokenizer.decode(ids, skip_special_tokens=True).strip()
         if decode_time_tokens:
@@ -365,6 +530,37 @@ class VilaModel(nn.Module):
             video_durations=prepared.video_durations,
             timings=timings,
         )
+
+    def check_fits(self, prepared: PreparedPrompt) -> None:
+        """Raise :class:`PromptTooLongError` when the prompt leaves no room for an answer."""
+        n = prepared.inputs_embeds.shape[0]
+        if n >= self.context_length:
+            media = ", ".join(str(m) for m in prepared.media_tokens) or "none"
+            raise PromptTooLongError(
+                f"the prompt needs {n} positions (media: {media}) but the model's context is {self.context_length}; "
+                "use fewer or smaller images, fewer video frames (num_video_frames / --num-video-frames) or a lower fps"
+            )
+
+    def stream_content(self, prompt: Any, **kwargs: Any) -> TextStream:
+        """Like :meth:`generate_content`, but an iterator over pieces of the answer as they are generated.
+
+        The pieces joined equal ``generate_content``'s answer. After the iteration, ``.result`` holds the
+        :class:`GenerationResult` (token ids, timings). Leaving the loop early stops the generation.
+        """
+        if kwargs.get("streamer") is not None:
+            raise UsageError("stream_content makes its own streamer; call generate(streamer=...) to use yours")
+        if kwargs.get("decode_time_tokens"):
+            raise UsageError("time tokens cannot be rewritten while streaming; call generate_content for video answers")
+        return TextStream(self, prompt, kwargs)
+
+    def chat(self, **kwargs: Any) -> Any:
+        """A multi-turn :class:`vila.chat.ChatSession` with this model (history, media cache, streaming).
+
+        Keyword arguments are generation settings used for every turn (``max_new_tokens``, ``temperature``, ...).
+        """
+        from ..chat import ChatSession
+
+        return ChatSession(self, **kwargs)
 
     def decode_time_tokens(self, text: str, video_durations: Sequence[float]) -> str:
         """Rewrite time tokens ``<tK>`` to seconds of the last video, as the reference CLI does (spec §7.6).
@@ -495,16 +691,37 @@ def load_projector(cfg: VilaConfig, folder: Path | None, dtype: torch.dtype, dev
 
 def load_llm(cfg: VilaConfig, dtype: torch.dtype, device_map: Any, extra: dict[str, Any] | None = None) -> nn.Module:
     """The LLM through ``AutoModelForCausalLM`` (meta-device init, weights loaded straight into place)."""
-    from transformers import AutoModelForCausalLM, GenerationConfig
+    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING, AutoConfig, AutoModelForCausalLM, GenerationConfig
 
+    from ..checkpoint import close_all, open_safetensors
+
+    # One device, nothing extra: read tensors on demand instead of through transformers' mmap (peak RSS).
+    single = isinstance(device_map, dict) and set(device_map) == {""} and not extra
+    lazy = open_safetensors(cfg.llm_dir) if single else None
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            llm = AutoModelForCausalLM.from_pretrained(
-                cfg.llm_dir, dtype=dtype, device_map=device_map, attn_implementation="sdpa", **(extra or {})
-            )
+            if lazy is not None:
+                config = AutoConfig.from_pretrained(cfg.llm_dir)
+                llm = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)].from_pretrained(
+                    None,
+                    config=config,
+                    state_dict=lazy[0],
+                    dtype=dtype,
+                    device_map=device_map,
+                    attn_implementation="sdpa",
+                )
+                if (cfg.llm_dir / "generation_config.json").exists():
+                    llm.generation_config = GenerationConfig.from_pretrained(cfg.llm_dir)
+            else:
+                llm = AutoModelForCausalLM.from_pretrained(
+                    cfg.llm_dir, dtype=dtype, device_map=device_map, attn_implementation="sdpa", **(extra or {})
+                )
     except (OSError, ValueError) as e:
         raise CheckpointError(f"cannot load the language model from {cfg.llm_dir}: {e}") from e
+    finally:
+        if lazy is not None:
+            close_all(lazy[1])
     # Never let llm/generation_config.json (e.g. Qwen2.5-Instruct's sampling defaults) leak into decoding.
     g = llm.generation_config
     llm.generation_config = GenerationConfig(bos_token_id=g.bos_token_id, eos_token_id=g.eos_token_id, pad_token_id=g.pad_token_id)

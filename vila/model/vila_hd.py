@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import TopDownConfig, VilaConfig
-from ..errors import CheckpointError, UnsupportedModelError, UsageError
+from ..errors import CheckpointError, UnsupportedModelError, UsageError, VilaError
 from ..prompt import Template
 from .encoders import wrap
 from .projector import DownSample, MultimodalProjector
@@ -38,6 +38,13 @@ from .vila import PreparedPrompt, Turn, VilaModel
 LOOK_CLOSE_MODES = ("after_prompt", "after_image")
 # Projector types VILA-HD can combine with PS3 (the reference's encode_images_ps3 branches).
 PS3_PROJECTORS = ("mlp_downsample", "mlp_downsample_2x2_fix", "mlp_downsample_3x3_fix", "linear", "identity")
+_SETTINGS = (
+    "num_look_close",
+    "num_token_look_close",
+    "select_num_each_scale",
+    "look_close_mode",
+    "smooth_selection_prob",
+)
 _DUMMY_USER_TEXT = "Here is the prompt."  # the reference's probe for where a user turn ends (§12.8 step 1)
 
 
@@ -240,22 +247,46 @@ class VilaHDModel(VilaModel):
         return self.generate(prompt, **kwargs).text
 
     # -- prompt ----------------------------------------------------------------------------------------
-    def prepare(
+    def prepare(self, turns: Sequence[Turn], **kwargs: Any) -> PreparedPrompt:
+        """:meth:`VilaModel.prepare` with the VILA-HD steps; takes the settings of :meth:`generate` too."""
+        (result,) = self.prepare_many([turns], **kwargs)
+        return result
+
+    def prepare_many(
         self,
-        turns: Sequence[Turn],
+        conversations: Sequence[Sequence[Turn]],
         *,
         template: Template | None = None,
-        num_video_frames: int | None = None,
-        fps: float | None = None,
-        **settings: Any,
-    ) -> PreparedPrompt:
-        """:meth:`VilaModel.prepare` with low-res image embeddings, then the top-down prompt pass and the
-        high-res look-close replace them with the full ones (spec §12.8). ``settings``: as :meth:`generate`."""
+        cache: Any = None,
+        return_errors: bool = False,
+        **kwargs: Any,
+    ) -> list[Any]:
+        """One conversation at a time (the top-down prompt depends on each one's text). ``kwargs``: the base
+        options (``num_video_frames``, ...) and the VILA-HD settings of :meth:`generate`."""
+        settings = {k: kwargs.pop(k) for k in _SETTINGS if k in kwargs}
         request = self._request or self.look_close_settings(**settings)
-        template = template or self.template
+        if cache is not None:
+            raise UsageError(
+                "VILA-HD checkpoints cannot use a feature cache (the selected patches depend on the question)"
+            )
+        results: list[Any] = []
+        for turns in conversations:
+            try:
+                results.append(self._prepare_one(turns, template or self.template, request, kwargs))
+            except VilaError as e:
+                if not return_errors:
+                    raise
+                results.append(e)
+        return results
+
+    def _prepare_one(
+        self, turns: Sequence[Turn], template: Template, request: LookCloseSettings, options: dict[str, Any]
+    ) -> PreparedPrompt:
+        """The base preparation with low-res image embeddings, then the top-down prompt pass and the high-res
+        look-close, whose embeddings replace the low-res ones (spec §12.8)."""
         self._pending = None
         try:
-            low_prompt = super().prepare(turns, template=template, num_video_frames=num_video_frames, fps=fps)
+            (low_prompt,) = VilaModel.prepare_many(self, [turns], template=template, **options)
             assert self._pending is not None
             pixels, low = self._pending
         finally:
@@ -279,12 +310,10 @@ class VilaHDModel(VilaModel):
                 request.num_token_look_close,
             )
             look = tower.look_close(pixels, low, probs, request.select_num_each_scale, plan)
-            feats, tokens = self._embed_images(tower.low_res_features(low), look)
+            feats, tokens = embed_images(self.mm_projector, tower.low_res_features(low), look)
             timings["look_close_s"] = time.perf_counter() - t0
-        start, end = (
-            self.embed_text(self.config.image_encoder.start_tokens),
-            self.embed_text(self.config.image_encoder.end_tokens),
-        )
+        start = self.embed_text(self.config.image_encoder.start_tokens)
+        end = self.embed_text(self.config.image_encoder.end_tokens)
         blocks = [wrap(f, start, end) for f in feats]
         self.last_look_close = LookCloseInfo(
             settings=request,
@@ -319,7 +348,7 @@ class VilaHDModel(VilaModel):
         pixels = batch.pixel_values.to(self.device, self.dtype)
         low = self.vision_tower.low_res(pixels)
         self._pending = (pixels, low)
-        feats, _ = self._embed_images(self.vision_tower.low_res_features(low), None)
+        feats, _ = embed_images(self.mm_projector, self.vision_tower.low_res_features(low), None)
         start, end = (
             self.embed_text(self.config.image_encoder.start_tokens),
             self.embed_text(self.config.image_encoder.end_tokens),
@@ -358,57 +387,59 @@ class VilaHDModel(VilaModel):
         g, r = self.vision_tower.config.low_res_grid, self.mm_projector.downsample
         return math.ceil(g / r) ** 2
 
-    # -- image embeddings ------------------------------------------------------------------------------
-    def _embed_images(
-        self, low_feats: torch.Tensor, look: LookClose | None
-    ) -> tuple[list[torch.Tensor], list[tuple[int, list[int]]]]:
-        """Tower features -> per image ``[low-res tokens, kept high-res tokens]`` (``encode_images_ps3``,
-        spec §12.7). With a downsampling projector, a high-res LLM token is kept only if every cell under it
-        was selected; only those are projected (the reference projects whole zero-filled grids, then drops
-        the rest: the same tokens)."""
-        proj = self.mm_projector
-        r = proj.downsample
-        low = proj(low_feats)  # (B, n_low, D)
-        b = low.shape[0]
-        pe_map = None
-        if proj.has_pos_embed:
-            pe = proj.high_res_pos_embed
-            g = math.isqrt(pe.shape[1])
-            pe_map = pe.reshape(1, g, g, -1).permute(0, 3, 1, 2)  # (1, D, g, g)
-            if r > 1:
-                side = math.isqrt(low.shape[1])
-                low = low + _area_tokens(pe_map, (side, side)) + proj.high_res_scale_embed[0]
-            else:
-                low = low + pe + proj.high_res_scale_embed[0]
-        if look is None:
-            return list(low), [(low.shape[1], []) for _ in range(b)]
 
-        per_scale: list[list[torch.Tensor]] = []  # [scale][image] -> (k, D)
-        for s, (feats, m) in enumerate(zip(look.features, look.maps)):
-            fh, fw = m.shape[-2:]
-            if r > 1:
-                size = (math.ceil(fh / r), math.ceil(fw / r))
-                keep = F.interpolate(m[:, None], size=size, mode="area")[:, 0].flatten(1) == 1  # (B, n')
-                assert isinstance(proj.layers[0], DownSample)
-                grouped = proj.layers[0](feats)  # (B, n', r*r*C)
-                tokens = proj.layers[1:](grouped[keep])
-            else:
-                size = (fh, fw)
-                keep = m.flatten(1).bool()
-                tokens = proj(feats[keep])
-            if pe_map is not None:
-                pos = (_area_tokens(pe_map, size) + proj.high_res_scale_embed[s + 1]).expand(b, -1, -1)
-                tokens = tokens + pos[keep]
-            per_scale.append(list(tokens.split(keep.sum(dim=1).tolist())))
+# -- image embeddings ----------------------------------------------------------------------------------
 
-        out, counts = [], []
-        for i in range(b):
-            high = torch.cat([scale[i] for scale in per_scale])
-            if high.shape[0] == 0:
-                high = low[i, :1]  # the reference's fallback when no whole group was selected
-            out.append(torch.cat([low[i], high]))
-            counts.append((low.shape[1], [scale[i].shape[0] for scale in per_scale]))
-        return out, counts
+
+def embed_images(
+    proj: TopDownProjector, low_feats: torch.Tensor, look: LookClose | None
+) -> tuple[list[torch.Tensor], list[tuple[int, list[int]]]]:
+    """Tower features -> per image ``[low-res tokens, kept high-res tokens]`` (``encode_images_ps3``,
+    spec §12.7). With a downsampling projector, a high-res LLM token is kept only if every cell under it
+    was selected; only those are projected (the reference projects whole zero-filled grids, then drops
+    the rest: the same tokens)."""
+    r = proj.downsample
+    low = proj(low_feats)  # (B, n_low, D)
+    b = low.shape[0]
+    pe_map = None
+    if proj.has_pos_embed:
+        pe = proj.high_res_pos_embed
+        g = math.isqrt(pe.shape[1])
+        pe_map = pe.reshape(1, g, g, -1).permute(0, 3, 1, 2)  # (1, D, g, g)
+        if r > 1:
+            side = math.isqrt(low.shape[1])
+            low = low + _area_tokens(pe_map, (side, side)) + proj.high_res_scale_embed[0]
+        else:
+            low = low + pe + proj.high_res_scale_embed[0]
+    if look is None:
+        return list(low), [(low.shape[1], []) for _ in range(b)]
+
+    per_scale: list[list[torch.Tensor]] = []  # [scale][image] -> (k, D)
+    for s, (feats, m) in enumerate(zip(look.features, look.maps)):
+        fh, fw = m.shape[-2:]
+        if r > 1:
+            size = (math.ceil(fh / r), math.ceil(fw / r))
+            keep = F.interpolate(m[:, None], size=size, mode="area")[:, 0].flatten(1) == 1  # (B, n')
+            assert isinstance(proj.layers[0], DownSample)
+            grouped = proj.layers[0](feats)  # (B, n', r*r*C)
+            tokens = proj.layers[1:](grouped[keep])
+        else:
+            size = (fh, fw)
+            keep = m.flatten(1).bool()
+            tokens = proj(feats[keep])
+        if pe_map is not None:
+            pos = (_area_tokens(pe_map, size) + proj.high_res_scale_embed[s + 1]).expand(b, -1, -1)
+            tokens = tokens + pos[keep]
+        per_scale.append(list(tokens.split(keep.sum(dim=1).tolist())))
+
+    out, counts = [], []
+    for i in range(b):
+        high = torch.cat([scale[i] for scale in per_scale])
+        if high.shape[0] == 0:
+            high = low[i, :1]  # the reference's fallback when no whole group was selected
+        out.append(torch.cat([low[i], high]))
+        counts.append((low.shape[1], [scale[i].shape[0] for scale in per_scale]))
+    return out, counts
 
 
 def _area_tokens(pe_map: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

@@ -39,12 +39,28 @@ class SiglipTower(nn.Module):
             with torch.device("meta"):
                 model = SiglipVisionModel(hf_cfg)
         else:
+            from ..checkpoint import close_all, open_safetensors
+
+            lazy = open_safetensors(folder)
             try:
-                model = SiglipVisionModel.from_pretrained(
-                    folder, dtype=dtype, attn_implementation="sdpa", device_map={"": device}
-                )
+                if lazy is not None:
+                    # Build and read only the layers that run; tensors are read on demand (peak RSS, see
+                    # open_safetensors). Layers past the selected one are never loaded.
+                    hf_cfg = SiglipVisionConfig.from_pretrained(folder)
+                    hf_cfg.num_hidden_layers = cfg.num_layers_to_run
+                    state = {k: v for k, v in lazy[0].items() if _layer_index(k) < cfg.num_layers_to_run}
+                    model = SiglipVisionModel.from_pretrained(
+                        None, config=hf_cfg, state_dict=state, dtype=dtype, attn_implementation="sdpa", device_map={"": device}
+                    )
+                else:
+                    model = SiglipVisionModel.from_pretrained(
+                        folder, dtype=dtype, attn_implementation="sdpa", device_map={"": device}
+                    )
             except OSError as e:
                 raise CheckpointError(f"cannot load the vision tower from {folder}: {e}") from e
+            finally:
+                if lazy is not None:
+                    close_all(lazy[1])
         layers = nn.ModuleList(list(model.encoder.layers)[: cfg.num_layers_to_run])
         return cls(model.embeddings, layers, cfg.select_feature)
 
@@ -53,6 +69,16 @@ class SiglipTower(nn.Module):
         for layer in self.layers:
             h = layer(h, attention_mask=None)
         return h[:, 1:] if self.select_feature == "patch" else h
+
+
+def _layer_index(key: str) -> int:
+    """The encoder layer a SigLIP weight belongs to (-1 for none: embeddings, post-LayerNorm)."""
+    parts = key.split(".")
+    if "layers" in parts:
+        i = parts.index("layers") + 1
+        if i < len(parts) and parts[i].isdigit():
+            return int(parts[i])
+    return -1
 
 
 class InternTower(nn.Module):

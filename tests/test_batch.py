@@ -1,0 +1,165 @@
+"""``vila-infer --batch``: batched answers equal one-by-one answers, bad rows are recorded, and a run killed
+with SIGKILL then resumed answers every id exactly once."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import INPUTS, TINY
+
+import vila
+import vila.batch
+from vila.batch import answered_keys, run_batch
+
+IMAGE = INPUTS / "demo_img.png"
+OTHER = INPUTS / "syn_640x480.png"
+
+
+def write_jsonl(path: Path, rows: list) -> Path:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+def read_rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@pytest.fixture
+def images(tmp_path):
+    shutil.copy(IMAGE, tmp_path / "a.png")
+    shutil.copy(OTHER, tmp_path / "b.png")
+    return tmp_path
+
+
+@pytest.mark.parametrize("variant", ["nvila-tiny", "vila15-tiny", "nvila-lite-tiny"])
+def test_batched_greedy_answers_equal_one_by_one(tiny_model, images, monkeypatch, variant):
+    model = tiny_model(variant)
+    requests = [
+        {"id": "img-a", "text": "Describe the image.", "media": ["a.png"]},
+        {"id": "img-b", "text": "What is this?", "media": ["b.png"]},
+        {"id": "text", "text": "Tell me a story about a small tiger who lived in a big city."},
+        {"id": "two", "text": "Compare <image> and <image>.", "media": ["a.png", "b.png"]},
+        {"id": "again-a", "text": "Describe the image again, please.", "media": ["a.png"]},
+    ]
+    src = write_jsonl(images / "req.jsonl", requests)
+    batched_calls = []
+    real = vila.batch.generate_batch
+    monkeypatch.setattr(vila.batch, "generate_batch", lambda *a: batched_calls.append(len(a[1])) or real(*a))
+    summary = run_batch(model, src, images / "out.jsonl", batch_size=8, defaults={"max_new_tokens": 12}, progress=False)
+    assert batched_calls == [5]  # all five went through the LLM together
+    assert (summary.answered, summary.failed) == (5, 0)
+    rows = {r["id"]: r for r in read_rows(images / "out.jsonl")}
+    from vila.cli import build_prompt
+
+    for req in requests:
+        media = [str(images / m) for m in req.get("media", [])]
+        single = model.generate(build_prompt(req["text"], media), max_new_tokens=12)
+        assert rows[req["id"]]["answer"] == single.text, req["id"]
+        assert rows[req["id"]]["num_generated_tokens"] == len(single.token_ids)
+        assert rows[req["id"]]["num_prompt_tokens"] == single.num_prompt_tokens
+        assert rows[req["id"]]["media_tokens"] == single.media_tokens
+
+
+def test_generate_batch_returns_what_generate_returns(tiny_model):
+    model = tiny_model("vila15-tiny")
+    texts = ("short", "a much longer prompt " * 20, "medium sized prompt here")
+    prepared = [model.prepare(vila.model.vila.to_turns(t)) for t in texts]
+    answers = vila.batch.generate_batch(model, prepared, 9)
+    singles = [model.generate(t, max_new_tokens=9) for t in texts]
+    assert [(s.token_ids, s.text) for s in singles] == answers
+
+
+def test_bad_rows_are_recorded_and_the_run_goes_on(tiny_model, images):
+    model = tiny_model("nvila-tiny")
+    src = write_jsonl(
+        images / "req.jsonl",
+        [
+            {"id": 1, "text": "first"},
+            "{this is not json",
+            {"id": 2, "text": "x", "media": ["missing.png"]},
+            {"id": 3, "text": "x", "colour": "blue"},
+            {"text": "no id"},
+            {"id": 1, "text": "duplicate"},
+            {"id": 4, "text": "x", "max_new_tokens": 0},
+            {"id": 5, "text": "too long " * 6000},
+            ["a", "list"],
+            {"id": 6, "text": "json please", "response_format": {"type": "json_object"}},
+            {"id": 7, "text": "sampled", "temperature": 0.8, "seed": 1},
+            {"id": 8, "media": ["a.png"]},
+        ],
+    )
+    out = images / "out.jsonl"
+    summary = run_batch(model, src, out, defaults={"max_new_tokens": 6}, progress=False)
+    rows = read_rows(out)
+    assert len(rows) == 12 and summary.total == 12
+    by_line = {r["line"]: r for r in rows}
+    errors = {line: r["error_type"] for line, r in by_line.items() if "error" in r}
+    assert errors == {
+        2: "UsageError",
+        3: "MediaError",
+        4: "UsageError",
+        5: "UsageError",
+        6: "UsageError",
+        7: "UsageError",
+        8: "PromptTooLongError",
+        9: "UsageError",
+    }
+    assert by_line[3]["id"] == 2 and by_line[6]["id"] is None and "duplicate id 1" in by_line[6]["error"]
+    assert "colour" in by_line[4]["error"] and "not valid JSON" in by_line[2]["error"]
+    assert isinstance(json.loads(by_line[10]["answer"]), dict)
+    assert by_line[11]["answer"] == model.generate_content(
+        "sampled", max_new_tokens=6, do_sample=True, temperature=0.8, seed=1
+    )
+    assert (summary.answered, summary.failed) == (4, 8)
+
+
+def test_resume_drops_a_partial_line_and_skips_answered_ids(tiny_model, tmp_path):
+    model = tiny_model("nvila-tiny")
+    src = write_jsonl(tmp_path / "req.jsonl", [{"id": f"q{i}", "text": f"question {i}"} for i in range(5)] + ["{bad"])
+    out = tmp_path / "out.jsonl"
+    out.write_text(json.dumps({"id": "q0", "answer": "kept", "line": 1}) + "\n" + '{"id": "q1", "answ')
+    with pytest.raises(vila.errors.UsageError, match="--resume"):
+        run_batch(model, src, out, progress=False)
+    summary = run_batch(model, src, out, resume=True, defaults={"max_new_tokens": 3}, progress=False)
+    assert (summary.skipped, summary.answered, summary.failed) == (1, 4, 1)
+    rows = read_rows(out)
+    assert rows[0] == {"id": "q0", "answer": "kept", "line": 1}  # the partial q1 line is gone
+    assert sorted(str(r.get("id")) for r in rows) == ["None", "q0", "q1", "q2", "q3", "q4"]
+    again = run_batch(model, src, out, resume=True, progress=False)  # nothing left: the bad line counts as answered
+    assert (again.skipped, again.answered, again.failed) == (6, 0, 0)
+    assert answered_keys(out) == {f'id:"q{i}"' for i in range(5)} | {"line:6"}
+
+
+def test_kill_9_then_resume_answers_every_id_exactly_once(tmp_path):
+    ids = [f"r{i:02d}" for i in range(30)]
+    src = write_jsonl(
+        tmp_path / "req.jsonl", [{"id": i, "text": f"Question number {i}, please answer at length."} for i in ids]
+    )
+    out = tmp_path / "out.jsonl"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TQDM_DISABLE="1")
+    cmd = [sys.executable, "-m", "vila.cli", "-m", str(TINY / "nvila-tiny"), "--device", "cpu", "--batch", str(src)]
+    cmd += ["--output", str(out), "--max-new-tokens", "16", "--batch-size", "2"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:
+        if out.exists() and out.read_text().count("\n") >= 3:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    first_run = out.read_text().count("\n")
+    assert proc.returncode == -signal.SIGKILL and first_run < len(ids)  # killed mid-run
+    resumed = subprocess.run([*cmd, "--resume"], capture_output=True, text=True, env=env, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr
+    rows = read_rows(out)
+    assert sorted(r["id"] for r in rows) == ids  # each id once, no partial line left
+    assert all("answer" in r for r in rows)
+    assert f"{first_run} already in" in resumed.stderr

@@ -1,0 +1,104 @@
+"""Streaming: ``model.stream_content`` pieces add up to ``generate_content``'s answer; the CLI streams to a TTY."""
+
+from __future__ import annotations
+
+import os
+import pty
+import subprocess
+import sys
+import threading
+
+import pytest
+from conftest import INPUTS, TINY
+
+import vila
+from vila.errors import MediaError
+from vila.streaming import strip_pieces
+
+IMAGE = INPUTS / "demo_img.png"
+
+
+@pytest.mark.parametrize(
+    "variant, parts, n",
+    [
+        ("nvila-tiny", [vila.Image(IMAGE), "Describe the image."], 24),
+        ("nvila-tiny", ["Write a long story about a tiger."], 60),
+        ("vila15-tiny", [vila.Image(IMAGE), "What is shown?"], 40),  # SentencePiece-style decoder with Strip
+        ("vila15-tiny", ["hello"], 80),
+        ("nvila-lite-tiny", ["Two words:"], 30),
+    ],
+)
+def test_stream_joins_to_the_answer(tiny_model, variant, parts, n):
+    model = tiny_model(variant)
+    expected = model.generate(parts, max_new_tokens=n)
+    stream = model.stream_content(parts, max_new_tokens=n)
+    pieces = list(stream)
+    assert "".join(pieces) == expected.text == model.generate_content(parts, max_new_tokens=n)
+    assert len(pieces) > 1  # it did stream
+    assert stream.result.token_ids == expected.token_ids
+
+
+def test_stream_sampling_with_seed_matches(tiny_model):
+    model = tiny_model("nvila-tiny")
+    kw = dict(max_new_tokens=20, do_sample=True, temperature=0.9, seed=3)
+    assert "".join(model.stream_content("Say something.", **kw)) == model.generate_content("Say something.", **kw)
+
+
+def test_strip_pieces_matches_str_strip():
+    pieces = ["  ", "\n Hello", " ", "world", "  ", "\t", "again ", " \n"]
+    assert "".join(strip_pieces(pieces)) == "".join(pieces).strip()
+    assert list(strip_pieces([" ", "\n"])) == []
+
+
+def test_stream_errors_reach_the_caller(tiny_model):
+    model = tiny_model("nvila-tiny")
+    with pytest.raises(MediaError, match="not found"):
+        list(model.stream_content([vila.Image(INPUTS / "nope.png"), "hi"], max_new_tokens=4))
+
+
+def test_closing_a_stream_stops_generation(tiny_model):
+    model = tiny_model("nvila-tiny")
+    before = threading.active_count()
+    stream = model.stream_content("Tell me everything.", max_new_tokens=2000)
+    first = next(stream)
+    stream.close()
+    assert first
+    assert threading.active_count() == before  # the worker thread ended instead of generating 2000 tokens
+    assert stream.result is None
+
+
+def test_stream_rejects_its_own_streamer(tiny_model):
+    model = tiny_model("nvila-tiny")
+    with pytest.raises(vila.errors.UsageError):
+        model.stream_content("hi", streamer=object())
+
+
+def _cli(args, tty):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TQDM_DISABLE="1")
+    cmd = [sys.executable, "-m", "vila.cli", "-m", str(TINY / "nvila-tiny"), "--device", "cpu", *args]
+    if not tty:
+        return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300).stdout
+    leader, follower = pty.openpty()
+    proc = subprocess.Popen(cmd, stdout=follower, stderr=subprocess.DEVNULL, env=env)
+    os.close(follower)
+    out = b""
+    while True:
+        try:
+            chunk = os.read(leader, 4096)
+        except OSError:  # EIO: the child closed the terminal
+            break
+        if not chunk:
+            break
+        out += chunk
+    proc.wait(timeout=300)
+    os.close(leader)
+    return out.decode().replace("\r\n", "\n")
+
+
+def test_cli_streams_to_a_terminal_and_prints_the_same_answer():
+    args = ["--media", str(IMAGE), "--text", "Describe.", "--max-new-tokens", "12"]
+    piped = _cli(args, tty=False)
+    streamed = _cli(args, tty=True)
+    no_stream = _cli([*args, "--no-stream"], tty=True)
+    assert piped.strip()
+    assert streamed == piped == no_stream
