@@ -67,6 +67,10 @@ def prompt_of(tokenizer: Any, n: int) -> str:
         i += 1
     while len(tokenizer(text).input_ids) > n and " " in text:
         text = text.rsplit(" ", 1)[0]
+    for _ in range(n):  # top up with one-token punctuation
+        if len(tokenizer(text).input_ids) >= n:
+            break
+        text += " ."
     return text
 
 
@@ -87,7 +91,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         timer.sync()
         load_s = time.perf_counter() - t0
         card = torch.cuda.get_device_name(device) if device.type == "cuda" else bench.machine_info(device)["cpu"]
-        print(f"# card: {card}; {args.arch}, random {dtype} weights; written in {write_s:.1f} s, loaded in {load_s:.1f} s")
+        print(
+            f"# card: {card}; {args.arch}, random {dtype} weights; written in {write_s:.1f} s, loaded in {load_s:.1f} s"
+        )
 
         image = workdir / "image.png"
         bench.test_image((448, 448)).save(image)
@@ -123,7 +129,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         fast = results["static_compiled"]["decode_tok_s"]
         print("bound")
         report.add("bound", "llm_weight_bytes_per_token", weight_bytes, f"({weight_bytes / 1e9:.2f} GB)")
-        report.add("bound", "bandwidth_datasheet", sheet or "unknown card", f"({sheet / 1e12:.2f} TB/s)" if sheet else "")
+        report.add(
+            "bound", "bandwidth_datasheet", sheet or "unknown card", f"({sheet / 1e12:.2f} TB/s)" if sheet else ""
+        )
         report.add("bound", "bandwidth_measured_copy", measured, f"({measured / 1e12:.3f} TB/s, read+write)")
         report.add("bound", "decode_bound_tok_s", round(bound, 2), "(bandwidth / weight bytes)")
         report.add("bound", "default_over_bound", round(results["default"]["decode_tok_s"] / bound, 3))
@@ -136,9 +144,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             r.pop("tokens")
         if args.json:
             Path(args.json).write_text(json.dumps(out, indent=2, default=str) + "\n")
-        print(f"# {card}: decode {results['default']['decode_tok_s']:.1f} tok/s default, {fast:.1f} tok/s fast = "
-              f"{fast / bound:.2f} of the {bound:.1f} tok/s bound; TTFT {results['static_compiled']['ttft_s'] * 1e3:.1f} ms; "
-              f"greedy tokens identical: {same}")
+        print(
+            f"# {card}: decode {results['default']['decode_tok_s']:.1f} tok/s default, {fast:.1f} tok/s fast = "
+            f"{fast / bound:.2f} of the {bound:.1f} tok/s bound; TTFT {results['static_compiled']['ttft_s'] * 1e3:.1f} ms; "
+            f"greedy tokens identical: {same}"
+        )
         return out
     finally:
         shutil.rmtree(workdir, ignore_errors=True)

@@ -9,7 +9,7 @@ import torch
 import vila
 from conftest import INPUTS, golden_files, read_golden
 
-GOLDENS = [p for p in golden_files() if read_golden(p)["status"] == "ok" and "vilahd" not in p.parent.name]
+GOLDENS = [p for p in golden_files() if read_golden(p)["status"] == "ok"]
 
 
 def prompt_parts(golden: dict) -> list:
@@ -53,3 +53,16 @@ def vila_turns(parts):
     from vila.model.vila import to_turns
 
     return to_turns(parts)
+
+
+ERROR_GOLDENS = [p for p in golden_files() if read_golden(p)["status"] == "error"]
+
+
+@pytest.mark.parametrize("path", ERROR_GOLDENS, ids=lambda p: f"{p.parent.name}/{p.stem}")
+def test_reference_errors_are_clear_errors(path, tiny_model):
+    """Where the reference crashed (VILA-HD without an image), we raise a one-line library error."""
+    golden = read_golden(path)
+    model = tiny_model(golden["variant"], golden["call"]["load"].get("conv_mode", "auto"))
+    with pytest.raises(vila.errors.VilaError) as info:
+        model.generate(prompt_parts(golden), **golden["call"]["generate"])
+    assert "\n" not in str(info.value)

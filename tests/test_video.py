@@ -99,11 +99,14 @@ def reference_load(path: Path, num_frames: int, fps: float = 0.0) -> tuple[list[
 
 
 def backends() -> list[str]:
-    try:
-        import decord  # noqa: F401
-    except ImportError:
-        return ["opencv"]
-    return ["opencv", "decord"]
+    found = ["opencv"]
+    for module, name in (("av", "pyav"), ("decord", "decord")):
+        try:
+            __import__(module)
+        except ImportError:
+            continue
+        found.append(name)
+    return found
 
 
 def quiet(fn, *args, **kwargs):
@@ -214,6 +217,168 @@ def test_decord_and_opencv_agree(videos):
             assert a.indices == b.indices and a.duration == b.duration
             for fa, fb in zip(a.frames, b.frames):
                 assert np.abs(np.asarray(fa, dtype=int) - np.asarray(fb, dtype=int)).mean() < 1.0
+
+
+def frames_equal(a: DecodedVideo, b: DecodedVideo) -> bool:
+    return len(a.frames) == len(b.frames) and all(
+        np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(a.frames, b.frames)
+    )
+
+
+@pytest.fixture
+def pyav_only(monkeypatch):
+    """PyAV must find every frame itself: its per-frame OpenCV fallback fails the test."""
+    pytest.importorskip("av")
+    import vila.video as vv
+
+    def no_fallback(self):
+        raise AssertionError("PyAV fell back to OpenCV")
+
+    monkeypatch.setattr(vv._PyAVReader, "_opencv", no_fallback)
+
+
+@pytest.mark.parametrize("num_frames,fps", [(8, 0.0), (16, 0.0), (45, 0.0), (100, 0.0), (5, 3.0), (100, 4.0)])
+def test_pyav_and_opencv_agree(videos, pyav_only, num_frames, fps):
+    """Same indices and the same pixels: both decode with FFmpeg's decoders and convert to RGB with swscale's
+    default conversion, so the frames are bit-identical (no tolerance needed). 45 / 100 frames repeat indices."""
+    for path in (videos["mp4"], videos["avi"], GOLDEN_VIDEO):
+        a = load_video(path, num_frames=num_frames, fps=fps, backend="pyav")
+        b = load_video(path, num_frames=num_frames, fps=fps, backend="opencv")
+        assert a.indices == b.indices and a.duration == b.duration
+        assert frames_equal(a, b)
+        if path != GOLDEN_VIDEO:
+            assert [frame_id(f) for f in a.frames] == a.indices
+
+
+def test_pyav_decodes_out_of_order_requests_and_repeats(videos, pyav_only, monkeypatch):
+    """Backward jumps seek, forward steps inside a group of pictures decode on; every frame is the one asked for."""
+    import vila.video as vv
+
+    reader = vv._PyAVReader(videos["mp4"])
+    try:
+        order = [29, 0, 1, 2, 13, 12, 11, 25, 29, 5, 5, 28, 3]
+        got = list(reader.read(order))
+        assert [i for i, _ in got] == order
+        assert [frame_id(f) for _, f in got] == order
+        assert reader.decodable(29)
+        monkeypatch.undo()  # past the end PyAV finds no frame and asks OpenCV, which finds none either
+        assert not reader.decodable(30) and not reader.decodable(-1)
+    finally:
+        reader.close()
+
+
+def test_pyav_seeks_to_the_keyframe_of_each_frame(tmp_path, pyav_only, monkeypatch):
+    """A far frame costs at most one group of pictures (OpenCV's mp4v writer puts a keyframe every 12 frames)."""
+    import vila.video as vv
+
+    path = write_video(tmp_path / "long.mp4", 100)
+    decoded: list[int] = []
+    original = vv._PyAVReader._index
+
+    def index(self, frame):
+        decoded.append(original(self, frame))
+        return decoded[-1]
+
+    monkeypatch.setattr(vv._PyAVReader, "_index", index)
+    reader = vv._PyAVReader(path)
+    try:
+        for i, expected in ((0, []), (50, [48, 49, 50]), (90, [84, 85, 86, 87, 88, 89, 90]), (92, [91, 92])):
+            decoded.clear()
+            ((k, frame),) = reader.read([i])
+            assert k == i and frame_id(frame) == i
+            assert decoded == expected
+    finally:
+        reader.close()
+
+
+def spy_reads(monkeypatch) -> dict[str, int]:
+    import vila.video as vv
+
+    calls = {"pyav": 0, "opencv": 0}
+    for cls in (vv._PyAVReader, vv._OpenCVReader):
+        original = cls.read
+
+        def read(self, indices, original=original, name=cls.name):
+            calls[name] += len(indices)
+            return original(self, indices)
+
+        monkeypatch.setattr(cls, "read", read)
+    return calls
+
+
+def test_automatic_backend_is_pyav(videos, monkeypatch):
+    pytest.importorskip("av")
+    calls = spy_reads(monkeypatch)
+    video = load_video(videos["mp4"], num_frames=8)
+    assert calls == {"pyav": 8, "opencv": 0}
+    assert [frame_id(f) for f in video.frames] == video.indices == sample_indices(30, 8)
+
+
+@pytest.mark.parametrize("disagreement", ["frame_count", "fps", "variable_rate"])
+def test_automatic_mode_falls_back_to_opencv_when_pyav_disagrees(videos, monkeypatch, disagreement):
+    """A file whose PyAV count / fps / rate differ from OpenCV's metadata is decoded by OpenCV, as the reference."""
+    pytest.importorskip("av")
+    import vila.video as vv
+
+    original = vv._PyAVReader.__init__
+
+    def init(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        if disagreement == "frame_count":
+            self.frame_count += 1
+        elif disagreement == "fps":
+            self.fps *= 1.001
+        else:
+            self.constant_rate = False
+
+    monkeypatch.setattr(vv._PyAVReader, "__init__", init)
+    calls = spy_reads(monkeypatch)
+    video = load_video(videos["mp4"], num_frames=8)
+    assert calls == {"pyav": 0, "opencv": 8}
+    ref_indices, ref_frames, _ = reference_load(videos["mp4"], 8)
+    assert video.indices == ref_indices
+    assert all(np.array_equal(np.asarray(a), b) for a, b in zip(video.frames, ref_frames))
+
+
+def test_pyav_frames_it_cannot_locate_are_read_by_opencv(videos, monkeypatch):
+    """Broken timestamps: frames whose pts does not map to the wanted index come from OpenCV, the others from PyAV."""
+    pytest.importorskip("av")
+    import vila.video as vv
+
+    original = vv._PyAVReader._index
+    monkeypatch.setattr(
+        vv._PyAVReader, "_index", lambda self, frame: None if original(self, frame) == 10 else original(self, frame)
+    )
+    fallbacks: list[int] = []
+    opencv_read = vv._OpenCVReader.read
+
+    def read(self, indices):
+        fallbacks.extend(indices)
+        return opencv_read(self, indices)
+
+    monkeypatch.setattr(vv._OpenCVReader, "read", read)
+    video = load_video(videos["mp4"], num_frames=4, backend="pyav")  # indices 0, 10, 19, 29
+    assert fallbacks == [10]
+    assert [frame_id(f) for f in video.frames] == video.indices == [0, 10, 19, 29]
+    # a frame whose pts says it is a later frame is not taken for the wanted one either
+    monkeypatch.setattr(
+        vv._PyAVReader, "_index", lambda self, frame: original(self, frame) + (original(self, frame) == 19)
+    )
+    fallbacks.clear()
+    video = load_video(videos["mp4"], num_frames=4, backend="pyav")
+    assert fallbacks == [19]
+    assert [frame_id(f) for f in video.frames] == video.indices == [0, 10, 19, 29]
+
+
+def test_without_pyav_automatic_mode_uses_opencv(videos, monkeypatch):
+    import vila.video as vv
+
+    real = vv._importable
+    monkeypatch.setattr(vv, "_importable", lambda module: module != "av" and real(module))
+    video = load_video(videos["mp4"], num_frames=4)
+    assert [frame_id(f) for f in video.frames] == video.indices == [0, 10, 19, 29]
+    with pytest.raises(MediaError, match="pip install av"):
+        load_video(videos["mp4"], num_frames=4, backend="pyav")
 
 
 @pytest.mark.parametrize("name", ["mp4", "avi", "truncated_avi"])
@@ -356,7 +521,8 @@ def test_bad_urls_raise_media_error(tmp_path, monkeypatch):
         load_video("http://127.0.0.1:9/x.mp4", num_frames=8)
     with pytest.raises(MediaError, match="unsupported URL scheme"):
         load_video("ftp://example.com/x.mp4", num_frames=8)
-    assert not any((tmp_path / "videos").glob("*")) if (tmp_path / "videos").exists() else True
+    cache = tmp_path / "videos"
+    assert not cache.exists() or not any(cache.iterdir())  # nothing half-written
 
 
 def test_bad_arguments():

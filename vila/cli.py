@@ -7,6 +7,7 @@ documented exit code (see ``EXIT_CODES``); ``--debug`` shows the traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import re
@@ -178,6 +179,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         import warnings
 
         warnings.filterwarnings("ignore", category=UserWarning, module="transformers")
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # library warnings are not the user's business
     try:
         return run(args)
     except KeyboardInterrupt:
@@ -273,7 +275,7 @@ def run(args: argparse.Namespace) -> int:
     if not args.media and not (args.text or "").strip() and not (args.chat or args.batch):
         raise UsageError("nothing to answer: give --text and/or --media (or --chat, --batch)")
     prompt = build_prompt(args.text, args.media)  # checks media kinds before the (slow) model load
-    check_media(prompt)
+    check_media(prompt, quiet=not args.debug)
     from .model.vila import validate_generation_args
 
     validate_generation_args(args.max_new_tokens, args.temperature, args.top_p, None, args.num_video_frames, args.fps)
@@ -356,9 +358,10 @@ def check_use_flags(args: argparse.Namespace) -> Any:
     return None
 
 
-def check_media(prompt: Sequence[Any]) -> None:
+def check_media(prompt: Sequence[Any], quiet: bool = True) -> None:
     """Decode local images and the first frame of local videos before the model loads: a corrupt file then
-    fails in milliseconds, not after minutes of loading. (URLs are fetched once, when answering.)"""
+    fails in milliseconds, not after minutes of loading. (URLs are fetched once, when answering.) ``quiet``
+    hides what FFmpeg / OpenCV / decord print on their own while probing a broken video: the MediaError says it."""
     from .media import Image, Video, is_url, load_image
 
     for part in prompt:
@@ -370,7 +373,25 @@ def check_media(prompt: Sequence[Any]) -> None:
         elif isinstance(part, Video):
             from .video import load_video
 
-            load_video(part, num_frames=1, progress=False)
+            with native_stderr_silenced(quiet):
+                load_video(part, num_frames=1, progress=False)
+
+
+@contextlib.contextmanager
+def native_stderr_silenced(enabled: bool = True) -> Any:
+    """Point file descriptor 2 at /dev/null for the block (native libraries write there directly)."""
+    if not enabled:
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def has_video_file(prompt: Sequence[Any]) -> bool:

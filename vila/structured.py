@@ -161,7 +161,15 @@ def json_logits_processor(
 ) -> JsonLogitsProcessor:
     """A processor constraining each of ``len(budgets)`` rows to ``fmt`` within its token budget."""
     vocab = grammar_vocab(model, tuple(stop_token_ids))
-    return JsonLogitsProcessor(vocab, [vocab.grammar(fmt)] * len(budgets), budgets)
+    processor = JsonLogitsProcessor(vocab, [vocab.grammar(fmt)] * len(budgets), budgets)
+    shortest = processor._close_length(processor.matchers[0], _Nesting(), max(4096, *budgets))
+    if shortest is None or shortest > min(budgets):
+        need = f"{shortest} tokens" if shortest is not None else f"more than {max(budgets)} tokens"
+        raise UsageError(
+            f"max_new_tokens={min(budgets)} is too small for this JSON format: the shortest valid answer takes {need} "
+            "with this tokenizer; raise max_new_tokens (--max-new-tokens)"
+        )
+    return processor
 
 
 # -- decoding ---------------------------------------------------------------------------------------------

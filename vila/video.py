@@ -3,16 +3,19 @@
 Frames are chosen exactly as the reference llava loader chooses them (media_loading.md §7.3 steps 1-2, the project
 path of media_encoders.md §5.8): uniform ``round(linspace(0, n - 1, num_frames))`` or, with ``fps > 0``, timestamp
 sampling; the frame count is the last decodable frame, as the reference finds it. What differs is how the frames are
-decoded: only the distinct sampled frames, in index order, grabbing forward over short gaps instead of seeking (an
-OpenCV seek restarts decoding at the keyframe before ``i - 16``), with several decoders in threads for many frames,
-and without the reference's separate last-frame seek when the last frame is sampled anyway. Frame metadata (count,
-fps) comes from OpenCV whenever it is installed, so the indices are the reference's whichever backend decodes.
+decoded: only the distinct sampled frames, in index order, by PyAV seeking to the keyframe at or before each frame (an
+OpenCV seek restarts decoding at the keyframe before ``i - 16``) and decoding forward inside a group of pictures
+instead of seeking, with several decoders in threads for many frames, and without the reference's separate last-frame
+seek when the last frame is sampled anyway. Frame metadata (count, fps) comes from OpenCV whenever it is installed, and
+PyAV is only used where its timestamp-derived frame numbers are OpenCV's, so the indices are the reference's whichever
+backend decodes.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import math
 import os
 import queue
 import re
@@ -26,6 +29,7 @@ import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -35,14 +39,23 @@ import PIL.Image
 from .errors import MediaError, UsageError
 from .media import URL_TIMEOUT_S, Image, Video, is_url, load_image
 
-BACKENDS = ("decord", "opencv")
-# backend=None tries these in order. OpenCV first: it is what the reference decodes with (same frame numbering on
-# every file), and on the benchmark (scripts/bench_video.py) decord spent more CPU per frame, not less.
-AUTO_BACKENDS = ("opencv", "decord")
+BACKENDS = ("pyav", "opencv", "decord")
+# backend=None tries these in order. PyAV first: it seeks to the keyframe at or before a frame (OpenCV restarts ~16
+# frames earlier), and it is only taken for a constant-frame-rate file whose frame count and fps agree with OpenCV's,
+# so its pts-derived frame numbers are OpenCV's (the reference's). Then OpenCV, what the reference decodes with; decord
+# last: on the benchmark (scripts/bench_video.py) it spent more CPU per frame than OpenCV.
+AUTO_BACKENDS = ("pyav", "opencv", "decord")
 # More frames than this get a progress bar when ``progress`` is None.
 PROGRESS_MIN_FRAMES = 64
 # OpenCV seeks to the keyframe before ``i - 16`` and decodes forward, so grabbing forward is cheaper over shorter gaps.
 OPENCV_MAX_GRAB_GAP = 32
+# PyAV decodes forward instead of seeking when the next frame is in the current group of pictures (the keyframe
+# interval is learnt while decoding), or at most this many frames ahead.
+PYAV_MIN_GRAB_GAP = 4
+# FFmpeg's own decoding threads (frame and slice threads; the GIL is released while decoding).
+PYAV_THREAD_TYPE = "AUTO"
+# PyAV is taken automatically only when its average frame rate equals OpenCV's fps to this relative tolerance.
+PYAV_FPS_RTOL = 1e-6
 # A container that reports no (or a negative) frame count is counted by decoding; this bounds that count.
 MAX_COUNTED_FRAMES = 10_000_000
 DOWNLOAD_CHUNK = 1 << 20
@@ -157,11 +170,13 @@ def load_video(
 ) -> DecodedVideo:
     """Sample and decode the frames of a video file, URL, directory of frames or in-memory frame sequence.
 
-    ``backend``: None tries ``AUTO_BACKENDS`` in order (OpenCV, then decord for files OpenCV cannot open; decord is
-    only taken when it agrees with OpenCV's frame count); ``"decord"`` / ``"opencv"`` force one. ``progress``: None
+    ``backend``: None tries ``AUTO_BACKENDS`` in order (PyAV where it numbers frames as OpenCV does: constant frame
+    rate, same frame count and fps; then OpenCV; then decord for files OpenCV cannot open, only where it agrees with
+    OpenCV's frame count); ``"pyav"`` / ``"opencv"`` / ``"decord"`` force one. ``progress``: None
     shows a bar (stderr) when more than ``PROGRESS_MIN_FRAMES`` frames are decoded, and for downloads. ``transform``
     (optional) is applied to each decoded RGB frame at once, e.g. the preprocessing resize, so a long video never
-    holds every frame at full resolution. Frames that fail to decode are skipped with a warning; none at all raises
+    holds every frame at full resolution; it may run in decoder threads. Many frames are decoded by several decoders
+    in threads (``$VILA_VIDEO_THREADS`` caps them). Frames that fail to decode are skipped with a warning; none at all raises
     MediaError. ``bytes`` (or a binary file object) are the encoded video itself.
     """
     if isinstance(source, Video):
@@ -383,8 +398,167 @@ def _bgr_to_pil(frame: np.ndarray) -> PIL.Image.Image:
     return PIL.Image.frombuffer("RGB", (width, height), frame, "raw", "BGR", 0, 1)
 
 
+class _PyAVReader:
+    """PyAV (FFmpeg) decoder that seeks to the keyframe at or before a frame and decodes forward to it.
+
+    Frame ``i`` is the frame whose pts is ``i`` frame durations after the first frame's, in OpenCV's own arithmetic
+    (``floor(seconds * fps + 0.5)`` from the stream start, minus the first frame's number), so on a constant-frame-rate
+    stream the numbering is OpenCV's. Every decoded frame's pts is checked against the wanted index; a frame that cannot
+    be located exactly (no pts, a gap, a decoding error, past the end) is read by OpenCV instead, like the whole file
+    when ``_open_reader`` finds PyAV's frame count, fps or rate disagreeing with OpenCV's.
+    """
+
+    name = "pyav"
+
+    def __init__(self, path: Path, threads: int = 0, *, origin: int | None = None) -> None:
+        import av
+
+        self._path = path
+        self._threads = threads
+        try:
+            self._container = av.open(str(path))
+        except Exception as e:  # av.error.InvalidDataError and friends; FileNotFoundError is caught earlier
+            raise MediaError(f"{path} is not a video PyAV can open: {_first_line(e)}") from e
+        try:
+            if not self._container.streams.video:
+                raise MediaError(f"{path} has no video stream")
+            stream = self._container.streams.video[0]
+            stream.thread_type = PYAV_THREAD_TYPE
+            if threads > 0:
+                stream.thread_count = threads
+            self._stream = stream
+            self.frame_count = int(stream.frames or 0)
+            rate = stream.average_rate
+            self._rate = Fraction(rate) if rate else Fraction(0)
+            self.fps = float(self._rate)
+            # Constant frame rate: FFmpeg's guessed (r_frame_rate-based) rate, which OpenCV reports, is the average.
+            self.constant_rate = bool(rate) and stream.guessed_rate == rate
+            self._time_base = Fraction(stream.time_base) if stream.time_base else Fraction(0)
+            self._start = stream.start_time or 0
+            self._frames: Iterator[Any] | None = None  # the decoding after the last seek
+            self._next: int | None = None  # index of the frame ``self._frames`` yields next; None when unknown
+            self._last_key: int | None = None
+            self._gop = 0  # keyframe interval seen while decoding; 0 until two keyframes were seen
+            self._fallback: _OpenCVReader | None = None
+            self._held: tuple[int, Any] | None = None  # a frame decoded ahead (the first one)
+            if not self._rate or not self._time_base:
+                raise MediaError(f"{path} has no frame rate or time base PyAV can number frames with")
+            if origin is None:
+                # OpenCV numbers frames from the first decoded frame's pts: decode it once (it is frame 0).
+                self._frames = self._container.decode(stream)
+                first = next(self._frames, None)
+                if first is None or first.pts is None:
+                    raise MediaError(f"{path} has no frame PyAV can decode with a timestamp")
+                origin = self._number(first.pts)
+                self._held, self._next = (0, first), 1
+                self._note_key(0, first)
+            self.origin = origin
+        except MediaError:
+            self._container.close()
+            raise
+        except Exception as e:
+            self._container.close()
+            raise MediaError(f"{path} is not a video PyAV can decode: {_first_line(e)}") from e
+
+    def reopen(self, threads: int) -> _PyAVReader:
+        """Another decoder on the same file (for a decoding thread), numbering frames like this one."""
+        return _PyAVReader(self._path, threads, origin=self.origin)
+
+    def _number(self, pts: int) -> int:
+        # OpenCV's dts_to_frame_number, floor((pts - start_time) * time_base * fps + 0.5), in exact integers.
+        scale = self._time_base * self._rate
+        return (2 * (pts - self._start) * scale.numerator + scale.denominator) // (2 * scale.denominator)
+
+    def _index(self, frame: Any) -> int | None:
+        return None if frame.pts is None else self._number(frame.pts) - self.origin
+
+    def _note_key(self, index: int, frame: Any) -> None:
+        if frame.key_frame:
+            if self._last_key is not None and index > self._last_key:
+                self._gop = index - self._last_key
+            self._last_key = index
+
+    def _seek(self, index: int) -> None:
+        # Half a frame early: the keyframe at or before frame ``index`` even when its pts is rounded down.
+        seconds = Fraction(2 * (index + self.origin) - 1, 2) / self._rate
+        target = self._start + math.floor(seconds / self._time_base)
+        self._container.seek(max(target, self._start), stream=self._stream, backward=True, any_frame=False)
+        self._frames = self._container.decode(self._stream)
+        self._next = None
+        self._held = None
+        self._last_key = None  # keyframe intervals are only learnt from uninterrupted decoding
+
+    def _forward(self, index: int) -> bool:
+        """Whether decoding on reaches ``index`` at least as cheaply as a seek (it is in the current group)."""
+        if self._frames is None or self._next is None or index < self._next:
+            return False
+        if index - self._next <= PYAV_MIN_GRAB_GAP:
+            return True
+        return self._gop > 0 and self._last_key is not None and index < self._last_key + self._gop
+
+    def _decode(self, index: int) -> Any | None:
+        """The decoded frame numbered ``index``, or None where PyAV cannot find exactly that frame."""
+        if self._held is not None:
+            held_index, frame = self._held
+            if held_index == index:
+                return frame
+            if index < held_index:
+                self._frames = None  # behind the decoding: seek
+        self._held = None
+        try:
+            if not self._forward(index):
+                self._seek(index)
+            assert self._frames is not None
+            for frame in self._frames:
+                k = self._index(frame)
+                if k is None:
+                    break
+                self._next = k + 1
+                self._note_key(k, frame)
+                if k == index:
+                    return frame
+                if k > index:  # a gap in the timestamps, or the seek landed after the frame
+                    self._held = (k, frame)
+                    return None
+        except Exception:  # a seek or decoding error (corrupt data): start over with a seek next time
+            pass
+        self._frames, self._next = None, None  # the end of the stream, or lost
+        return None
+
+    def _opencv(self) -> _OpenCVReader | None:
+        if self._fallback is None and _importable("cv2"):
+            with contextlib.suppress(MediaError):
+                self._fallback = _OpenCVReader(self._path, self._threads)
+        return self._fallback
+
+    def decodable(self, index: int) -> bool:
+        if index < 0:
+            return False
+        if self._decode(index) is not None:
+            return True
+        fallback = self._opencv()
+        return fallback is not None and fallback.decodable(index)
+
+    def read(self, indices: Sequence[int]) -> Iterator[tuple[int, PIL.Image.Image | None]]:
+        for i in indices:
+            frame = self._decode(i) if i >= 0 else None
+            if frame is not None:
+                yield i, PIL.Image.fromarray(frame.to_ndarray(format="rgb24"))
+                continue
+            fallback = self._opencv()
+            yield next(iter(fallback.read([i]))) if fallback is not None else (i, None)
+
+    def close(self) -> None:
+        self._frames = None
+        self._held = None
+        self._container.close()
+        if self._fallback is not None:
+            self._fallback.close()
+
+
 class _DecordReader:
-    """decord decoder: it knows the keyframes, so each frame costs at most one group of pictures."""
+    """decord decoder (frame by frame, not ``get_batch``: progress, per-frame failures, bounded memory). It knows the
+    keyframes, so a frame costs at most one group of pictures, but each decoded frame costs more CPU than OpenCV's."""
 
     name = "decord"
 
@@ -437,13 +611,15 @@ def _first_line(error: BaseException) -> str:
 @contextlib.contextmanager
 def _open_reader(path: Path, backend: str | None, name: str) -> Iterator[tuple[_Reader, int, float]]:
     """Open the decoding backend and read the frame count / fps (OpenCV's when available, as the reference)."""
-    have = {"opencv": _importable("cv2"), "decord": _importable("decord")}
+    have = {"pyav": _importable("av"), "opencv": _importable("cv2"), "decord": _importable("decord")}
+    if backend == "pyav" and not have["pyav"]:
+        raise MediaError("video backend 'pyav' is not installed: pip install av, or use backend='opencv'")
     if backend == "opencv" and not have["opencv"]:
         raise MediaError("video backend 'opencv' needs OpenCV: pip install opencv-python-headless")
     if backend == "decord" and not have["decord"]:
         raise MediaError("video backend 'decord' is not installed: pip install decord, or use backend='opencv'")
     if not any(have.values()):
-        raise MediaError("decoding videos needs OpenCV or decord: pip install opencv-python-headless")
+        raise MediaError("decoding videos needs OpenCV, PyAV or decord: pip install opencv-python-headless av")
     meta: _OpenCVReader | None = None
     reader: _Reader | None = None
     failed: list[str] = []  # backends that cannot open the file
@@ -456,6 +632,18 @@ def _open_reader(path: Path, backend: str | None, name: str) -> Iterator[tuple[_
         for candidate_name in [backend] if backend else AUTO_BACKENDS:
             if candidate_name == "opencv" and meta is not None:
                 reader = meta
+            elif candidate_name == "pyav" and have["pyav"]:
+                try:
+                    pyav = _PyAVReader(path)
+                except MediaError:
+                    failed.append("PyAV")
+                    continue
+                # PyAV numbers frames by their timestamps; automatic mode takes it only where that numbering is
+                # OpenCV's: a constant frame rate, and the same frame count and fps.
+                if backend == "pyav" or meta is None or _pyav_agrees(pyav, meta):
+                    reader = pyav
+                else:
+                    pyav.close()
             elif candidate_name == "decord" and have["decord"]:
                 try:
                     candidate = _DecordReader(path)
@@ -488,6 +676,15 @@ def _open_reader(path: Path, backend: str | None, name: str) -> Iterator[tuple[_
             reader.close()
         if meta is not None:
             meta.close()
+
+
+def _pyav_agrees(pyav: _PyAVReader, meta: _OpenCVReader) -> bool:
+    return (
+        pyav.constant_rate
+        and pyav.origin == 0
+        and pyav.frame_count == meta.frame_count
+        and abs(pyav.fps - meta.fps) <= PYAV_FPS_RTOL * abs(meta.fps)
+    )
 
 
 def _importable(module: str) -> bool:
@@ -585,7 +782,7 @@ def _read_frames(
         own: _Reader | None = None
         try:
             # The first run reuses the reader that is already open; the others open their own.
-            source = reader if k == 0 else (own := type(reader)(path, threads))
+            source = reader if k == 0 else (own := _reopen(reader, path, threads))
             for i, frame in source.read(chunk):
                 if stop.is_set():
                     return
@@ -607,6 +804,12 @@ def _read_frames(
                 yield i, frame
         finally:
             stop.set()
+
+
+def _reopen(reader: _Reader, path: Path, threads: int) -> _Reader:
+    if isinstance(reader, _PyAVReader):
+        return reader.reopen(threads)
+    return type(reader)(path, threads)
 
 
 def _result(
