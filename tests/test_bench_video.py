@@ -27,3 +27,5 @@ def test_bench_video_quick_json():
     (row,) = report["timing"]
     assert row["frames"] == 8 and row["ours_identical_to_baseline"]
     assert row["baseline"]["ratio"] == 1.0 and row["ours"]["ratio"] > 0
+    assert report["info"]["auto_backend"] == "PyAV"  # the automatic backend takes OpenCV's mp4v files
+    assert {"ours_opencv", "ours_decord", "ours_1_thread"} <= row.keys()

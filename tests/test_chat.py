@@ -145,7 +145,7 @@ def test_chat_errors_leave_the_history_alone(tiny_model):
     assert len(chat.history) == 2
 
 
-def test_cli_chat_session(tmp_path):
+def test_cli_chat_session(tiny_model, tmp_path):
     shutil.copy(IMAGE, tmp_path / "a.png")
     script = "\n".join(
         [
@@ -186,7 +186,7 @@ def test_cli_chat_session(tmp_path):
     assert "Traceback" not in proc.stderr
     answers = proc.stdout.splitlines()
     assert len(answers) == 3
-    model = vila.load(TINY / "nvila-tiny", device="cpu", dtype="float32")
+    model = tiny_model("nvila-tiny")
     chat = model.chat(max_new_tokens=6)
     assert answers[0] == chat.send(vila.Image(tmp_path / "a.png"), "What is it?")
     assert answers[1] == chat.send("And then?")

@@ -124,3 +124,20 @@ def test_rgba_alpha_is_dropped_not_composited():
     img = PIL.Image.new("RGBA", (4, 4), (200, 100, 50, 0))
     assert load_image(img).getpixel((0, 0)) == (200, 100, 50)
     assert torch.is_tensor(normalize(np.zeros((1, 2, 2, 3), np.uint8), ProcessorConfig(size=2)))
+
+
+@pytest.mark.parametrize("variant, mode", [("nvila-tiny", None), ("vila15-tiny", None), ("vila15-tiny", "pad"), ("nvila-lite-tiny", None)])
+def test_frame_transform_keeps_pixels_exact(variant, mode):
+    """Reducing frames to their tile at decode time (memory) gives the same pixels as preprocessing them later."""
+    from dataclasses import replace
+
+    from vila.preprocess import frame_transform, preprocess_frames
+
+    cfg = parse_config(TINY / variant)
+    if mode is not None:
+        cfg = replace(cfg, image_aspect_ratio=mode)
+    frame = load_image(INPUTS / "syn_640x480.png")
+    small = frame_transform(cfg)(frame)
+    assert small.size == (cfg.processor.size, cfg.processor.size)
+    assert torch.equal(preprocess_frames([small], cfg), preprocess_frames([frame], cfg))
+    assert frame_transform(replace(cfg, image_aspect_ratio="dynamic", video_max_tiles=4)) is None

@@ -55,11 +55,11 @@ def test_cli_stats_go_to_stderr():
     assert re.search(r"^  peak memory +RSS \d+(\.\d+)? (MiB|GiB), CUDA ", stats, re.M)
 
 
-def test_cli_output_format_json():
+def test_cli_output_format_json(tiny_model):
     proc = cli("--media", str(IMAGE), "--text", "Describe.", "--max-new-tokens", "5", "--output-format", "json")
     assert proc.returncode == 0, proc.stderr
     row = json.loads(proc.stdout)
-    model = vila.load(TINY / "nvila-tiny", device="cpu", dtype="float32")
+    model = tiny_model("nvila-tiny")
     result = model.generate([vila.Image(IMAGE), "Describe."], max_new_tokens=5)
     assert row["answer"] == result.text
     assert row["num_generated_tokens"] == 5 and row["num_prompt_tokens"] == result.num_prompt_tokens

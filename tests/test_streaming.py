@@ -22,8 +22,8 @@ IMAGE = INPUTS / "demo_img.png"
     "variant, parts, n",
     [
         ("nvila-tiny", [vila.Image(IMAGE), "Describe the image."], 24),
-        ("nvila-tiny", ["Write a long story about a tiger."], 60),
-        ("vila15-tiny", [vila.Image(IMAGE), "What is shown?"], 40),  # SentencePiece-style decoder with Strip
+        ("nvila-tiny", ["Write a long story about a tiger."], 40),
+        ("vila15-tiny", [vila.Image(IMAGE), "What is shown?"], 30),  # SentencePiece-style decoder with Strip
         ("vila15-tiny", ["hello"], 80),
         ("nvila-lite-tiny", ["Two words:"], 30),
     ],
@@ -99,6 +99,5 @@ def test_cli_streams_to_a_terminal_and_prints_the_same_answer():
     args = ["--media", str(IMAGE), "--text", "Describe.", "--max-new-tokens", "12"]
     piped = _cli(args, tty=False)
     streamed = _cli(args, tty=True)
-    no_stream = _cli([*args, "--no-stream"], tty=True)
     assert piped.strip()
-    assert streamed == piped == no_stream
+    assert streamed == piped

@@ -66,19 +66,17 @@ def test_validator_rejects_wrong_values():
 
 
 @pytest.mark.parametrize("variant", ["nvila-tiny", "vila15-tiny"])
-@pytest.mark.parametrize("budget", [80, 100, 200])  # the shortest valid answer is 79 tokens in the tiny vocabularies
+@pytest.mark.parametrize("budget", [80, 150])  # the shortest valid answer is 79 tokens in the tiny vocabularies
 def test_schema_answers_validate(tiny_model, variant, budget):
     model = tiny_model(variant)
     fmt = {"type": "json_schema", "json_schema": {"schema": SCHEMA}}
-    result = model.generate(
-        [vila.Image(INPUTS / "demo_img.png"), "Describe it as JSON."], max_new_tokens=budget, response_format=fmt
-    )
+    result = model.generate("Describe a cat as JSON.", max_new_tokens=budget, response_format=fmt)
     validate(json.loads(result.text), SCHEMA)
     assert len(result.token_ids) <= budget
 
 
 @pytest.mark.parametrize("variant", ["nvila-tiny", "vila15-tiny", "nvila-lite-tiny"])
-@pytest.mark.parametrize("budget", [2, 8, 30, 120])
+@pytest.mark.parametrize("budget", [2, 40])
 def test_json_object_answers_parse(tiny_model, variant, budget):
     model = tiny_model(variant)
     text = model.generate_content("Give me JSON.", max_new_tokens=budget, response_format={"type": "json_object"})
@@ -88,7 +86,9 @@ def test_json_object_answers_parse(tiny_model, variant, budget):
 def test_a_budget_too_small_for_the_schema_is_a_clear_error(tiny_model):
     model = tiny_model("nvila-tiny")
     with pytest.raises(UsageError, match=r"max_new_tokens=40 is too small .* takes 79 tokens"):
-        model.generate("x", max_new_tokens=40, response_format={"type": "json_schema", "json_schema": {"schema": SCHEMA}})
+        model.generate(
+            "x", max_new_tokens=40, response_format={"type": "json_schema", "json_schema": {"schema": SCHEMA}}
+        )
 
 
 def test_random_model_is_closed_before_the_budget_ends(tiny_model):
@@ -106,12 +106,16 @@ def test_random_model_is_closed_before_the_budget_ends(tiny_model):
         assert len(result.token_ids) <= budget
 
 
+SMALL = {"type": "object", "properties": {"n": {"type": "integer"}, "s": {"type": "string"}}, "required": ["n", "s"]}
+
+
 def test_stream_and_json_mode(tiny_model):
     model = tiny_model("nvila-tiny")
-    fmt = {"type": "json_schema", "json_schema": {"schema": SCHEMA}}
-    streamed = "".join(model.stream_content("JSON please", max_new_tokens=80, response_format=fmt))
-    assert streamed == model.generate_content("JSON please", max_new_tokens=80, response_format=fmt)
-    validate(json.loads(streamed), SCHEMA)
+    fmt = {"type": "json_schema", "json_schema": {"schema": SMALL}}
+    prompt = [vila.Image(INPUTS / "demo_img.png"), "JSON please"]
+    streamed = "".join(model.stream_content(prompt, max_new_tokens=30, response_format=fmt))
+    assert streamed == model.generate_content(prompt, max_new_tokens=30, response_format=fmt)
+    validate(json.loads(streamed), SMALL)
 
 
 def test_response_format_parsing(tmp_path):
@@ -147,24 +151,10 @@ def test_missing_xgrammar_is_one_clear_line(monkeypatch):
 
 def test_cli_json_schema_and_json_output(tmp_path):
     schema = tmp_path / "schema.json"
-    schema.write_text(json.dumps(SCHEMA))
+    schema.write_text(json.dumps(SMALL))
     env = dict(os.environ, HF_HUB_OFFLINE="1", TQDM_DISABLE="1")
-    base = [sys.executable, "-m", "vila.cli", "-m", str(TINY / "nvila-tiny"), "--device", "cpu", "--text", "JSON!"]
-    proc = subprocess.run(
-        [*base, "--max-new-tokens", "80", "--json-schema", str(schema)],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-    )
+    cmd = [sys.executable, "-m", "vila.cli", "-m", str(TINY / "nvila-tiny"), "--device", "cpu", "--text", "JSON!"]
+    cmd += ["--max-new-tokens", "30", "--json-schema", str(schema), "--output-format", "json"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr
-    validate(json.loads(proc.stdout), SCHEMA)
-    proc = subprocess.run(
-        [*base, "--max-new-tokens", "20", "--json-mode", "--output-format", "json"],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr
-    assert isinstance(json.loads(json.loads(proc.stdout)["answer"]), dict)
+    validate(json.loads(json.loads(proc.stdout)["answer"]), SMALL)

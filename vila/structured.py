@@ -162,7 +162,8 @@ def json_logits_processor(
     """A processor constraining each of ``len(budgets)`` rows to ``fmt`` within its token budget."""
     vocab = grammar_vocab(model, tuple(stop_token_ids))
     processor = JsonLogitsProcessor(vocab, [vocab.grammar(fmt)] * len(budgets), budgets)
-    shortest = processor._close_length(processor.matchers[0], _Nesting(), max(4096, *budgets))
+    path = processor._close_path(processor.matchers[0], _Nesting(), max(4096, *budgets))
+    shortest = None if path is None else len(path)
     if shortest is None or shortest > min(budgets):
         need = f"{shortest} tokens" if shortest is not None else f"more than {max(budgets)} tokens"
         raise UsageError(
@@ -225,7 +226,10 @@ class JsonLogitsProcessor:
         self.nesting = [_Nesting() for _ in grammars]
         self.budgets = list(budgets)
         self.broken = [False] * len(grammars)
-        self.close_length = [0] * len(grammars)  # tokens the closing policy needed at the last check
+        # The closing path from the current state (None: not known), and the (token, path after it) foreseen.
+        self.plans: list[list[int] | None] = [None] * len(grammars)
+        self.close_length = [0] * len(grammars)  # length of the last known closing path
+        self.after: list[tuple[int, list[int]] | None] = [None] * len(grammars)
         self.steps = 0
         self.bitmask = xgr.allocate_token_bitmask(len(grammars), vocab.vocab_size)
         self._scratch = xgr.allocate_token_bitmask(1, vocab.vocab_size)
@@ -242,6 +246,7 @@ class JsonLogitsProcessor:
                         self.nesting[i] = self.nesting[i].feed(self.vocab.token_bytes[token])
                     else:
                         self.broken[i] = True
+                    self._advance_plan(i, token)
         forced: dict[int, int] = {}
         for i in range(rows):
             if not self._active(i, self.steps):
@@ -249,9 +254,9 @@ class JsonLogitsProcessor:
                 continue
             self.matchers[i].fill_next_token_bitmask(self.bitmask, i)
             remaining = self.budgets[i] - self.steps
-            if self.steps % RECHECK_EVERY == 0 or remaining <= self._window(i):
-                need = self._close_length(self.matchers[i], self.nesting[i], remaining)
-                self.close_length[i] = remaining if need is None else need
+            if self.plans[i] is None and (self.steps % RECHECK_EVERY == 0 or remaining <= self._window(i)):
+                self.plans[i] = self._close_path(self.matchers[i], self.nesting[i], remaining)
+                self.close_length[i] = remaining if self.plans[i] is None else len(self.plans[i])
             if remaining <= self._window(i):
                 forced[i] = self._choose(i, scores[i], remaining)
         self.steps += 1
@@ -268,6 +273,19 @@ class JsonLogitsProcessor:
         """Within this many tokens of the budget's end every step checks that the JSON can still be closed."""
         return self.close_length[i] + RECHECK_EVERY + 4 * self.nesting[i].open
 
+    def _advance_plan(self, i: int, token: int) -> None:
+        """Keep the closing path valid for the new state when the token taken was foreseen; else drop it."""
+        expected, plan = self.after[i], self.plans[i]
+        if expected is not None and expected[0] == token:
+            self.plans[i] = expected[1]
+        elif plan and plan[0] == token:
+            self.plans[i] = plan[1:]
+        else:
+            self.plans[i] = None  # close_length keeps the last estimate until the next check
+        if self.plans[i] is not None:
+            self.close_length[i] = len(self.plans[i])
+        self.after[i] = None
+
     def _active(self, i: int, step: int) -> bool:
         return not self.broken[i] and not self.matchers[i].is_terminated() and step < self.budgets[i]
 
@@ -276,29 +294,36 @@ class JsonLogitsProcessor:
         allowed = self._allowed(self.bitmask[i])
         logits = row_scores.detach().float().cpu().numpy()
         best = int(np.argmax(np.where(allowed, logits, -np.inf)))
+        plan = self.plans[i]
+        if plan and plan[0] == best:  # the model walks the closing path itself
+            self.after[i] = (best, plan[1:])
+            return best
         matcher, nesting = self.matchers[i].fork(), self.nesting[i]
         if matcher.accept_token(best):
-            after = nesting.feed(self.vocab.token_bytes[best])
-            if matcher.is_completed() or self._close_length(matcher, after, remaining - 1) is not None:
+            path = self._close_path(matcher, nesting.feed(self.vocab.token_bytes[best]), remaining - 1)
+            if path is not None:
+                self.after[i] = (best, path)
                 return best
-        return self._closing_token(self.matchers[i], nesting, self.bitmask[i])
+        if plan:
+            self.after[i] = (plan[0], plan[1:])
+            return plan[0]
+        return self._closing_token(nesting, self.bitmask[i])  # already too late: close as fast as possible
 
-    def _close_length(self, matcher: Any, nesting: _Nesting, limit: int) -> int | None:
-        """Tokens the closing policy needs to complete the JSON from this state (on a fork), None if > limit."""
-        matcher = matcher.fork()
-        for n in range(limit + 1):
-            if matcher.is_completed():
-                return n
-            if n == limit:
-                break
+    def _close_path(self, matcher: Any, nesting: _Nesting, limit: int) -> list[int] | None:
+        """The closing policy's tokens completing the JSON from this state (on a fork), None if more than limit."""
+        matcher, path = matcher.fork(), []
+        while not matcher.is_completed():
+            if len(path) >= limit:
+                return None
             matcher.fill_next_token_bitmask(self._scratch, 0)
-            token = self._closing_token(matcher, nesting, self._scratch[0])
+            token = self._closing_token(nesting, self._scratch[0])
             if not matcher.accept_token(token):
                 return None
             nesting = nesting.feed(self.vocab.token_bytes[token])
-        return None
+            path.append(token)
+        return path
 
-    def _closing_token(self, matcher: Any, nesting: _Nesting, mask_row: torch.Tensor) -> int:
+    def _closing_token(self, nesting: _Nesting, mask_row: torch.Tensor) -> int:
         """Among allowed structural tokens, the one leaving the fewest open strings/arrays/objects."""
         words = mask_row.numpy().view(np.uint32)
         cands = self.vocab.candidates

@@ -21,9 +21,9 @@ from torch import nn
 
 from ..cache import FeatureCache, content_digest, media_key
 from ..config import VilaConfig
-from ..errors import CheckpointError, MediaError, PromptTooLongError, UsageError, VilaError
+from ..errors import CheckpointError, PromptTooLongError, UsageError, VilaError
 from ..media import Image, Video, load_image
-from ..preprocess import ImageBatch, preprocess_frames, preprocess_images
+from ..preprocess import ImageBatch, frame_transform, preprocess_frames, preprocess_images
 from ..prompt import IMAGE_TOKEN, VIDEO_TOKEN, Template, build_user_text, get_template
 from ..streaming import TextStream, TokenClock
 from ..structured import json_logits_processor, parse_response_format
@@ -316,7 +316,7 @@ class VilaModel(nn.Module):
                     continue
                 from ..video import load_video
 
-                decoded = load_video(part, num_frames=num_frames, fps=video_fps)
+                decoded = load_video(part, num_frames=num_frames, fps=video_fps, transform=frame_transform(cfg))
                 plan.videos.append(_VideoItem(key, duration=decoded.duration, frames=decoded.frames))
         return plan
 
@@ -690,7 +690,8 @@ def load_projector(cfg: VilaConfig, folder: Path | None, dtype: torch.dtype, dev
 
 
 def load_llm(cfg: VilaConfig, dtype: torch.dtype, device_map: Any, extra: dict[str, Any] | None = None) -> nn.Module:
-    """The LLM through ``AutoModelForCausalLM`` (meta-device init, weights loaded straight into place)."""
+    """The LLM through transformers: built on the meta device (no random init), weights read straight into
+    place, converted one tensor at a time (peak RSS ~ the weights, see ``open_safetensors``)."""
     from transformers import MODEL_FOR_CAUSAL_LM_MAPPING, AutoConfig, AutoModelForCausalLM, GenerationConfig
 
     from ..checkpoint import close_all, open_safetensors

@@ -19,6 +19,7 @@ from ..config import VisionConfig
 from ..errors import CheckpointError, UnsupportedModelError
 
 BlockSize = tuple[int, int]  # (rows, cols)
+PROGRESS_MIN_CHUNKS = 4
 
 
 class SiglipTower(nn.Module):
@@ -118,7 +119,12 @@ def run_tower(tower: nn.Module, pixels: torch.Tensor, chunk: int = 0) -> torch.T
     """Tower forward in bounded batches, so hundreds of video frames never hold all activations at once."""
     if chunk <= 0 or pixels.shape[0] <= chunk:
         return tower(pixels)
-    return torch.cat([tower(pixels[i : i + chunk]) for i in range(0, pixels.shape[0], chunk)])
+    from tqdm.auto import tqdm
+
+    starts = range(0, pixels.shape[0], chunk)
+    # A bar only when encoding takes more than a moment (long videos: hundreds of frames).
+    bar = tqdm(starts, desc="vision encode", unit="chunk", leave=False, disable=len(starts) < PROGRESS_MIN_CHUNKS)
+    return torch.cat([tower(pixels[i : i + chunk]) for i in bar])
 
 
 def tokens_to_map(x: torch.Tensor) -> torch.Tensor:
