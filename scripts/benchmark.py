@@ -429,6 +429,9 @@ class Ceilings:
     def sample(self) -> dict[str, float]:
         rates = {k: matmul_rate(self.device, self.dtype, *shape, self.timer) for k, shape in self.shapes.items()}
         rates["bandwidth"] = memory_bandwidth(self.device, self.timer)
+        rates["gemv"] = gemv_bandwidth(
+            self.device, self.dtype, self.shapes["llm"][1], self.shapes["llm"][2], self.timer
+        )
         self.samples.append(rates)
         return rates
 
@@ -440,13 +443,25 @@ class Ceilings:
             ("vision", "matmul_vision_shape", "GFLOP/s", 1e9),
             ("llm", "matmul_llm_shape", "GFLOP/s", 1e9),
             ("bandwidth", "read_bandwidth", "GB/s", 1e9),
+            ("gemv", "gemv_weight_bandwidth", "GB/s", 1e9),
         ):
             report.add(
                 "ceilings",
                 name,
                 Stat.of([r[key] / scale for r in self.samples], unit),
-                f"({self.dtype})" if key != "bandwidth" else "",
+                f"({self.dtype})" if key in ("vision", "llm") else "",
             )
+
+
+def gemv_bandwidth(device: torch.device, dtype: torch.dtype, k: int, n: int, timer: Timer) -> float:
+    """Weight bytes/s that ``linear`` streams for one token through ``(n, k)`` matrices (decode's kernel):
+    what decoding could reach with no other overhead, often below the raw read bandwidth."""
+    total = (1 << 30) if device.type != "cpu" else (256 << 20)
+    count = max(2, total // (n * k * dtype.itemsize))
+    weights = [torch.full((n, k), 0.01, dtype=dtype, device=device) for _ in range(count)]
+    x = torch.full((1, k), 0.01, dtype=dtype, device=device)
+    stat, _ = repeat(lambda: [torch.nn.functional.linear(x, w) for w in weights], timer, runs=3, warmup=1)
+    return count * n * k * dtype.itemsize / stat.min
 
 
 def peak_rss_bytes() -> int:
@@ -928,6 +943,12 @@ def report_stages(
     bounds = Stat.of([r["rates"]["bandwidth"] / nbytes for r in runs], "tok/s")
     report.add(sec, "decode_bound", bounds, "(read bandwidth / weight bytes)")
     report.add(sec, "decode_over_bound", ratio(lambda r: r["decode_tok_s"] * nbytes / r["rates"]["bandwidth"]))
+    report.add(
+        sec,
+        "decode_over_gemv_bound",
+        ratio(lambda r: r["decode_tok_s"] * nbytes / r["rates"]["gemv"]),
+        "(vs the one-token linear kernel's own weight bandwidth)",
+    )
 
 
 # -- sub-benchmark: one video request ------------------------------------------------------------------------

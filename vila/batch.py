@@ -24,6 +24,7 @@ answers equal one-by-one answers (tests/test_batch.py checks it on the tiny chec
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 import time
@@ -37,6 +38,7 @@ import torch
 from .cache import FeatureCache
 from .errors import UsageError, VilaError
 
+logger = logging.getLogger(__name__)
 SETTINGS = (
     "max_new_tokens",
     "temperature",
@@ -335,7 +337,11 @@ def _answer_group(model: Any, group: list[Request], cache: FeatureCache) -> list
             except VilaError as e:
                 rows[r.line] = _error_row(r.id, r.line, e)
         live = [r for r in group if r.line not in rows]
-        prepared = model.prepare_many(turns, cache=use_cache, return_errors=True, **media_kw)
+        try:
+            prepared = model.prepare_many(turns, cache=use_cache, return_errors=True, **media_kw)
+        except Exception:  # noqa: BLE001 - e.g. out of memory for the whole batch: one by one below
+            logger.debug("batched preparation failed; answering one by one", exc_info=True)
+            live, prepared = [], []
         for r, p in zip(live, prepared):
             if isinstance(p, Exception):
                 rows[r.line] = _error_row(r.id, r.line, p)
@@ -354,7 +360,8 @@ def _answer_group(model: Any, group: list[Request], cache: FeatureCache) -> list
                     model, r, text, ids, p.inputs_embeds.shape[0], p.media_tokens, p.video_durations
                 )
         except Exception:  # noqa: BLE001 - e.g. out of memory for the whole batch: answer one by one below
-            pass
+            logger.debug("batched generation failed; answering one by one", exc_info=True)
+            rows = {line: row for line, row in rows.items() if "error" in row}
     for r in group:
         if r.line in rows:
             continue

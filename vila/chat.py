@@ -168,6 +168,9 @@ def run_chat(
             stdout.flush()
         except VilaError as e:
             print(f"error: {e}", file=stderr)
+        except KeyboardInterrupt:  # Ctrl-C stops this answer, not the chat (at the prompt, it leaves)
+            stdout.write("\n")
+            print("(answer interrupted; not added to the conversation)", file=stderr)
     return 0
 
 

@@ -263,7 +263,7 @@ class VilaModel(nn.Module):
             try:
                 self._encode_plans([plans[i] for i in live], cache)
             except VilaError:
-                if not return_errors or len(live) < 2:
+                if not return_errors:
                     raise
                 for i in live:  # find out which conversation fails
                     attempt(i, lambda p=plans[i]: self._encode_plans([p], cache))
@@ -586,7 +586,10 @@ class VilaModel(nn.Module):
         Greedy by default, like the reference. Keyword arguments: ``max_new_tokens``, ``do_sample``,
         ``temperature``, ``top_p``, ``top_k``, ``seed``, ``generation_config`` (a ``transformers.GenerationConfig``,
         used as is), ``conv_mode``, ``num_video_frames``, ``fps``, ``video_max_tiles``, ``decode_time_tokens``
-        (rewrite time tokens ``<tK>`` of video answers to seconds, as ``vila-infer`` does).
+        (rewrite time tokens ``<tK>`` of video answers to seconds, as ``vila-infer`` does), ``response_format``
+        (``{"type": "json_object"}`` or ``{"type": "json_schema", "json_schema": {"schema": {...}}}``: JSON mode,
+        needs ``vila[json]``) and ``cache`` (a :class:`vila.cache.FeatureCache` reused across calls).
+        See also :meth:`stream_content` and :meth:`chat`.
         """
         return self.generate(prompt, **kwargs).text
 
