@@ -429,9 +429,6 @@ class Ceilings:
     def sample(self) -> dict[str, float]:
         rates = {k: matmul_rate(self.device, self.dtype, *shape, self.timer) for k, shape in self.shapes.items()}
         rates["bandwidth"] = memory_bandwidth(self.device, self.timer)
-        rates["gemv"] = gemv_bandwidth(
-            self.device, self.dtype, self.shapes["llm"][1], self.shapes["llm"][2], self.timer
-        )
         self.samples.append(rates)
         return rates
 
@@ -443,7 +440,6 @@ class Ceilings:
             ("vision", "matmul_vision_shape", "GFLOP/s", 1e9),
             ("llm", "matmul_llm_shape", "GFLOP/s", 1e9),
             ("bandwidth", "read_bandwidth", "GB/s", 1e9),
-            ("gemv", "gemv_weight_bandwidth", "GB/s", 1e9),
         ):
             report.add(
                 "ceilings",
@@ -451,17 +447,6 @@ class Ceilings:
                 Stat.of([r[key] / scale for r in self.samples], unit),
                 f"({self.dtype})" if key in ("vision", "llm") else "",
             )
-
-
-def gemv_bandwidth(device: torch.device, dtype: torch.dtype, k: int, n: int, timer: Timer) -> float:
-    """Weight bytes/s that ``linear`` streams for one token through ``(n, k)`` matrices (decode's kernel):
-    what decoding could reach with no other overhead, often below the raw read bandwidth."""
-    total = (1 << 30) if device.type != "cpu" else (256 << 20)
-    count = max(2, total // (n * k * dtype.itemsize))
-    weights = [torch.full((n, k), 0.01, dtype=dtype, device=device) for _ in range(count)]
-    x = torch.full((1, k), 0.01, dtype=dtype, device=device)
-    stat, _ = repeat(lambda: [torch.nn.functional.linear(x, w) for w in weights], timer, runs=3, warmup=1)
-    return count * n * k * dtype.itemsize / stat.min
 
 
 def peak_rss_bytes() -> int:
@@ -541,6 +526,107 @@ def llm_decode_bytes(llm: torch.nn.Module) -> int:
             continue
         total += p.numel() * p.element_size()
     return total
+
+
+# -- kernel floors: a stage's own matmuls on the model's own weights, timed next to the stage -------------------
+
+
+def _linears(module: torch.nn.Module) -> list[torch.nn.Linear]:
+    return [m for m in module.modules() if isinstance(m, torch.nn.Linear)]
+
+
+def _run_linears(layers: list[torch.nn.Linear], rows: int) -> Callable[[], None]:
+    """Every ``linear`` of ``layers`` on ``rows`` dummy rows: the stage's arithmetic and weight traffic."""
+    w = layers[0].weight
+    inputs = {m.in_features: torch.zeros(rows, m.in_features, dtype=w.dtype, device=w.device) for m in layers}
+
+    def run() -> None:
+        for m in layers:
+            torch.nn.functional.linear(inputs[m.in_features], m.weight, m.bias)
+
+    return run
+
+
+def _run_attention(
+    batch: int, heads: int, n: int, d: int, layers: int, causal: bool, like: torch.Tensor
+) -> Callable[[], None]:
+    q = torch.zeros(batch, heads, n, d, dtype=like.dtype, device=like.device)
+
+    def run() -> None:
+        for _ in range(layers):
+            torch.nn.functional.scaled_dot_product_attention(q, q, q, is_causal=causal)
+
+    return run
+
+
+def kernel_floors(model: Any, tiles: int, positions: int) -> dict[str, Callable[[], None]]:
+    """The matmuls and attention each stage cannot avoid, run through the same kernels on the model's own
+    weights with dummy activations: a lower bound measured at the same moment as the stage, so it moves with
+    the machine's load. What a stage takes beyond it is everything else: norms, activations, copies, Python."""
+    llm, conf = model.llm, model.llm.config
+    head = llm.get_output_embeddings()
+    body = [m for m in _linears(llm) if m is not head]
+    heads, hidden = conf.num_attention_heads, conf.hidden_size
+    w = head.weight
+    prefill_linears, prefill_attn = (
+        _run_linears(body, positions),
+        _run_attention(1, heads, positions, hidden // heads, conf.num_hidden_layers, True, w),
+    )
+    lm_head = _run_linears([head], 1)
+    floors = {
+        "prefill": lambda: (prefill_linears(), prefill_attn(), lm_head()),
+        "decode": _run_linears(body + [head], 1),  # every weight read once, as one decoding step does
+    }
+    v = model.config.vision
+    if v.kind == "siglip":
+        n, vheads = (v.image_size // v.patch_size) ** 2, int(v.raw.get("num_attention_heads", 16))
+        tower = _linears(model.vision_tower)
+        vw = tower[0].weight
+        t_lin = _run_linears(tower, tiles * n)
+        t_attn = _run_attention(tiles, vheads, n, v.hidden_size // vheads, v.num_layers_to_run, False, vw)
+        floors["vision"] = lambda: (t_lin(), t_attn())
+    return floors
+
+
+def time_floors(floors: dict[str, Callable[[], None]], timer: Timer) -> dict[str, float]:
+    out = {}
+    for name, fn in floors.items():
+        fn()  # first touch (allocations, caches)
+        with timer() as t:
+            fn()
+        out[name] = t[0]
+    return out
+
+
+def report_kernel_floors(report: Report, sec: str, runs: list[dict[str, Any]]) -> None:
+    """Each stage over its kernel floor, run by run (median of the ratios)."""
+    med = lambda f: round(statistics.median(f(r) for r in runs), 3)  # noqa: E731
+    if "vision" in runs[0]["kernels"]:
+        report.add(
+            sec, "vision_kernels", Stat.of([r["kernels"]["vision"] for r in runs]), "(tower matmuls + attention alone)"
+        )
+        report.add(
+            sec,
+            "vision_encode_over_kernels",
+            med(lambda r: r["vision_encode_s"] / r["kernels"]["vision"]),
+            "(incl. the projector)",
+        )
+    report.add(
+        sec,
+        "prefill_kernels",
+        Stat.of([r["kernels"]["prefill"] for r in runs]),
+        "(LLM matmuls + causal attention alone)",
+    )
+    report.add(sec, "prefill_over_kernels", med(lambda r: r["prefill_s"] / r["kernels"]["prefill"]))
+    report.add(
+        sec, "decode_step_kernels", Stat.of([r["kernels"]["decode"] for r in runs]), "(one token through every weight)"
+    )
+    report.add(
+        sec,
+        "decode_over_kernels",
+        med(lambda r: (1 / r["decode_tok_s"]) / r["kernels"]["decode"]),
+        "(time per token / kernel floor)",
+    )
 
 
 # -- sub-benchmark: loading --------------------------------------------------------------------------------
@@ -763,7 +849,11 @@ def bench_vision(report: Report, model: Any, args: argparse.Namespace, timer: Ti
         with torch.inference_mode(), attention_implementation(tower, "eager"):
             return torch.cat([tower(pixels[i : i + 1]) for i in range(n)])
 
-    got = compare({"ours": batched, "base": per_tile_eager}, timer, args.runs, args.warmup)
+    fns = {"ours": batched, "base": per_tile_eager}
+    floors = kernel_floors(model, n, 1) if args.kernel_floors else {}
+    if "vision" in floors:
+        fns["kernels"] = floors["vision"]
+    got = compare(fns, timer, args.runs, args.warmup)
     (ours, a), (base, b) = got["ours"], got["base"]
     rate = ceil.sample()["vision"]
     sec = "vision"
@@ -779,6 +869,11 @@ def bench_vision(report: Report, model: Any, args: argparse.Namespace, timer: Ti
         report.add(sec, "flops", flops, f"({flops / 1e12:.3f} TFLOP)")
         report.add(sec, "lower_bound_at_matmul_rate", bound)
         report.add(sec, "ours_over_lower_bound", round(ours.median / bound, 3))
+    if "kernels" in got:
+        report.add(
+            sec, "kernels_alone", got["kernels"][0], "(the tower's matmuls + attention on its weights, interleaved)"
+        )
+        report.add(sec, "ours_over_kernels", round(ours.median / got["kernels"][0].median, 3))
 
 
 # -- sub-benchmark: one image request, stage by stage --------------------------------------------------------
@@ -857,10 +952,10 @@ def bench_request(
     parts = [vila.Image(path), PROMPT]
     gen = greedy_config(model, args.new_tokens)
     print(f"image request: {IMAGE_SIZE[0]}x{IMAGE_SIZE[1]} JPEG + {PROMPT!r}, {args.new_tokens} greedy tokens")
-    runs = request_runs(model, parts, gen, timer, ceil, args)
+    batch = request_pixels(model, vila.media.load_image(vila.Image(path)))
+    runs = request_runs(model, parts, gen, timer, ceil, args, tiles=batch.pixel_values.shape[0])
 
     # The projector (and the S2 merge before it) alone, fed the tower features of the same image.
-    batch = request_pixels(model, vila.media.load_image(vila.Image(path)))
     pixels = batch.pixel_values.to(model.device, model.dtype)
     blocks = list(batch.block_sizes) if batch.block_sizes is not None else None
     with torch.inference_mode():
@@ -883,10 +978,10 @@ def bench_request(
 
 
 def request_runs(
-    model: Any, parts: list[Any], gen: Any, timer: Timer, ceil: Ceilings, args: argparse.Namespace
+    model: Any, parts: list[Any], gen: Any, timer: Timer, ceil: Ceilings, args: argparse.Namespace, tiles: int
 ) -> list[dict[str, Any]]:
-    """Warm-up and timed requests; the ceilings are sampled after each timed one, the peak memory is read
-    during the first (before the probes allocate anything)."""
+    """Warm-up and timed requests; after each timed one the ceilings are sampled and the kernel floors timed
+    (the peak memory is read during the first request, before those probes allocate anything)."""
     reset_peak_memory(model.device)
     reset_peak_rss()
     for _ in range(args.warmup):
@@ -899,6 +994,8 @@ def request_runs(
             if model.device.type == "cuda":
                 r["peak_gpu"] = torch.cuda.max_memory_allocated(model.device)
         r["rates"] = ceil.sample()
+        if args.kernel_floors:
+            r["kernels"] = time_floors(kernel_floors(model, tiles, r["positions"]), timer)
         runs.append(r)
     return runs
 
@@ -943,12 +1040,8 @@ def report_stages(
     bounds = Stat.of([r["rates"]["bandwidth"] / nbytes for r in runs], "tok/s")
     report.add(sec, "decode_bound", bounds, "(read bandwidth / weight bytes)")
     report.add(sec, "decode_over_bound", ratio(lambda r: r["decode_tok_s"] * nbytes / r["rates"]["bandwidth"]))
-    report.add(
-        sec,
-        "decode_over_gemv_bound",
-        ratio(lambda r: r["decode_tok_s"] * nbytes / r["rates"]["gemv"]),
-        "(vs the one-token linear kernel's own weight bandwidth)",
-    )
+    if "kernels" in runs[0]:
+        report_kernel_floors(report, sec, runs)
 
 
 # -- sub-benchmark: one video request ------------------------------------------------------------------------
@@ -964,7 +1057,7 @@ def bench_video(report: Report, model: Any, args: argparse.Namespace, timer: Tim
     gen = greedy_config(model, args.new_tokens)
     frames = model.config.num_video_frames
     print(f"video request: {VIDEO.name}, {frames} frames + a question, {args.new_tokens} greedy tokens")
-    runs = request_runs(model, parts, gen, timer, ceil, args)
+    runs = request_runs(model, parts, gen, timer, ceil, args, tiles=frames)
     report_stages(report, "video", model, runs, frames, "(decord/OpenCV decode + frame sampling)")
 
 
@@ -1080,6 +1173,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--keep", action="store_true", help="keep the written checkpoint (with --workdir, reused next time)")
     p.add_argument("--json", default=None, help="write every figure to this JSON file ('-' for stdout)")
+    p.add_argument(
+        "--no-kernel-floors",
+        dest="kernel_floors",
+        action="store_false",
+        help="skip timing each stage's bare matmuls after every run (halves the time on big models)",
+    )
     p.add_argument("--load-child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     unknown = set(args.only.split(",")) - set(SUB_BENCHMARKS)

@@ -74,7 +74,11 @@ def test_benchmark_fast_modes(tmp_path):
         "ttft",
     ):
         assert req[key]["n"] == 1 and req[key]["median"] >= 0, key
+    for key in ("vision_encode_over_kernels", "prefill_over_kernels", "decode_over_kernels", "decode_over_bound"):
+        assert req[key] > 0, key
+    assert s["video"]["llm_input_positions"] > 0 and s["video"]["decode"]["median"] > 0
     assert s["vision"]["tiles"] == 17 and s["vision"]["max_rel_diff_vs_baseline"] < 1e-4  # eager vs SDPA
+    assert s["vision"]["ours_over_kernels"] > 0
     assert s["cache"]["same_tokens"] is True
     assert s["static"]["status"].startswith("skipped")  # CUDA only
     assert out["machine"]["cpu_count"] >= 1 and out["setup"]["device"] == "cpu"

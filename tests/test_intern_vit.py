@@ -215,7 +215,7 @@ def test_load_errors(tmp_path: Path) -> None:
     no_weights = tmp_path / "no_weights"
     no_weights.mkdir()
     (no_weights / "config.json").write_text(json.dumps(config))
-    with pytest.raises(CheckpointError, match="no model.safetensors"):
+    with pytest.raises(CheckpointError, match="no safetensors weights"):
         load_intern_vit(no_weights, dtype=torch.float32, device="cpu")
     with pytest.raises(CheckpointError, match="config.json"):
         load_intern_vit(tmp_path / "nowhere", dtype=torch.float32, device="cpu")

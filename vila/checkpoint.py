@@ -125,3 +125,73 @@ def open_safetensors(folder: Path) -> tuple[dict[str, Any], list[Any]] | None:
 def close_all(handles: list[Any]) -> None:
     for h in handles:
         h.__exit__(None, None, None)
+
+
+def weight_files(folder: Path, what: str = "") -> list[Path]:
+    """A component's safetensors files: the shards its index names, else every ``*.safetensors`` file."""
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        try:
+            names = json.loads(index.read_text())["weight_map"].values()
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index} is not a valid safetensors index ({e}); re-download the checkpoint") from e
+        files = sorted({folder / n for n in names})
+        absent = [f.name for f in files if not f.exists()]
+        if absent:
+            raise CheckpointError(f"missing {what} weight shard {absent[0]} in {folder}; the checkpoint is incomplete (re-download it)".replace("  ", " "))
+        return files
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"no safetensors weights in {folder}; the checkpoint is incomplete (re-download it)")
+    return files
+
+
+def assign_weights(
+    module: Any, folder: Path, *, dtype: Any, device: Any, what: str, skip: tuple[str, ...] = (), hint: str = ""
+) -> Any:
+    """Read ``folder``'s safetensors into ``module`` (built on the meta device): names and shapes checked first,
+    tensors cast one at a time, assigned in place, so nothing is randomly initialised and peak memory stays at
+    the weights. Keys starting with a prefix in ``skip`` are stored weights inference never uses."""
+    from safetensors import SafetensorError, safe_open
+
+    expected = module.state_dict()
+    state, unexpected = {}, []
+    for path in weight_files(folder, what):
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                for key in f.keys():
+                    if key.startswith(skip):
+                        continue
+                    if key not in expected:
+                        unexpected.append(key)
+                        continue
+                    tensor = f.get_tensor(key)
+                    if tuple(tensor.shape) != tuple(expected[key].shape):
+                        raise CheckpointError(
+                            f"{what} weight {key} in {path} has shape {tuple(tensor.shape)}, expected "
+                            f"{tuple(expected[key].shape)}{hint}"
+                        )
+                    state[key] = tensor.to(device=device, dtype=dtype)
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(f"cannot read {what} weights {path}: {e}; re-download the checkpoint") from None
+    missing = sorted(set(expected) - set(state))
+    if missing or unexpected:
+        parts = [f"{len(missing)} missing (e.g. {missing[0]})"] if missing else []
+        parts += [f"{len(unexpected)} unexpected (e.g. {min(unexpected)})"] if unexpected else []
+        raise CheckpointError(f"{what} weights in {folder} do not match its config{hint}: {', '.join(parts)}")
+    module.load_state_dict(state, strict=True, assign=True)
+    return module.requires_grad_(False).eval()
+
+
+def stored_keys(folder: Path) -> list[str]:
+    """The tensor names a component folder stores (to decide what to build before loading)."""
+    from safetensors import SafetensorError, safe_open
+
+    keys: list[str] = []
+    for path in weight_files(folder):
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                keys += list(f.keys())
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(f"cannot read weights {path}: {e}; re-download the checkpoint") from None
+    return keys

@@ -13,13 +13,13 @@ import urllib.request
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import PIL.Image
 
 from .errors import MediaError
 
-PathLike = Union[str, os.PathLike]
+PathLike = str | os.PathLike
 
 URL_TIMEOUT_S = 30
 MIN_IMAGE_SIDE = 4  # pixels; smaller images (1x1, 1-pixel strips) carry nothing to describe

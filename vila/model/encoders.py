@@ -14,7 +14,15 @@ from torch import nn
 
 from ..config import EncoderConfig, VisionConfig
 from .projector import MultimodalProjector
-from .vision import BlockSize, map_to_tokens, merge_chessboard, merge_dynamic_s2, run_tower, s2_features, split_chessboard
+from .vision import (
+    BlockSize,
+    map_to_tokens,
+    merge_chessboard,
+    merge_dynamic_s2,
+    run_tower,
+    s2_features,
+    split_chessboard,
+)
 
 TokenEmbedder = Callable[[str | None], torch.Tensor | None]
 

@@ -277,24 +277,6 @@ def _read_json(path: Path) -> dict:
         raise CheckpointError(f"cannot read {path}: {e}") from None
 
 
-def _weight_files(folder: Path) -> list[Path]:
-    """The safetensors files of a tower folder: the shards named by the index, else the single model file."""
-    index_path = folder / "model.safetensors.index.json"
-    if index_path.is_file():
-        weight_map = _read_json(index_path).get("weight_map")
-        if not isinstance(weight_map, dict) or not weight_map:
-            raise CheckpointError(f"{index_path} has no weight_map")
-        files = [folder / name for name in sorted(set(weight_map.values()))]
-    elif (folder / "model.safetensors").is_file():
-        files = [folder / "model.safetensors"]
-    else:
-        raise CheckpointError(f"no model.safetensors or model.safetensors.index.json in {folder}")
-    for path in files:
-        if not path.is_file():
-            raise CheckpointError(f"missing InternViT weight shard {path}")
-    return files
-
-
 def load_intern_vit(folder: str | os.PathLike, *, dtype: torch.dtype, device: str | torch.device) -> InternVisionModel:
     """Build the tower on the meta device and load ``folder``'s safetensors straight into place (no random init).
 
@@ -302,40 +284,10 @@ def load_intern_vit(folder: str | os.PathLike, *, dtype: torch.dtype, device: st
     ``model-*.safetensors``. Every tensor is cast to ``dtype`` and put on ``device`` one at a time, so peak host
     memory stays around one tensor beyond the final model. The returned model is in eval mode without gradients.
     """
-    from safetensors import SafetensorError, safe_open
+    from ..checkpoint import assign_weights
 
     folder = Path(folder)
     config = InternVisionConfig.from_dict(_read_json(folder / "config.json"))
     with torch.device("meta"):
         model = InternVisionModel(config)
-    expected = model.state_dict()
-
-    state: dict[str, torch.Tensor] = {}
-    unexpected: list[str] = []
-    for path in _weight_files(folder):
-        try:
-            with safe_open(str(path), framework="pt", device="cpu") as f:
-                names = f.keys()  # safe_open handles are not iterable
-                for key in names:
-                    if key not in expected:
-                        unexpected.append(key)
-                        continue
-                    tensor = f.get_tensor(key)
-                    if tuple(tensor.shape) != tuple(expected[key].shape):
-                        raise CheckpointError(
-                            f"InternViT weight {key} in {path.name} has shape {tuple(tensor.shape)}, "
-                            f"expected {tuple(expected[key].shape)} from config.json"
-                        )
-                    state[key] = tensor.to(device=device, dtype=dtype)
-        except (SafetensorError, OSError) as e:  # truncated or corrupt file
-            raise CheckpointError(f"cannot read InternViT weights {path}: {e}") from None
-    missing = sorted(set(expected) - set(state))
-    if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing (e.g. {missing[0]})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected (e.g. {min(unexpected)})")
-        raise CheckpointError(f"InternViT weights in {folder} do not match config.json: {', '.join(parts)}")
-    model.load_state_dict(state, strict=True, assign=True)
-    return model.requires_grad_(False).eval()  # inference only: no autograd graph is kept
+    return assign_weights(model, folder, dtype=dtype, device=device, what="InternViT")

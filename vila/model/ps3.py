@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..checkpoint import assign_weights
 from ..errors import CheckpointError, UnsupportedModelError
 
 # timm ViT presets PS3 was released with: (width, depth, heads, mlp_ratio, patch, img_size). SigLIP and
@@ -546,25 +547,6 @@ class PS3Tower(nn.Module):
             tower = cls(cfg, select_layer)
         if folder is None:
             return tower
-        from safetensors.torch import load_file
-
-        files = sorted(Path(folder).glob("*.safetensors"))
-        if not files:
-            raise CheckpointError(f"no safetensors weights in {folder}; the checkpoint is incomplete (re-download it)")
-        state: dict[str, torch.Tensor] = {}
-        for f in files:
-            state.update(load_file(f, device=str(device)))
+        # The trunk's final norm and pooling head are stored but never used by VILA-HD.
         unused = ("vision_model.trunk.norm.", "vision_model.trunk.attn_pool.")
-        state = {k: v.to(dtype) for k, v in state.items() if not k.startswith(unused)}
-        expected = tower.state_dict()
-        missing, unexpected = set(expected) - set(state), set(state) - set(expected)
-        if missing or unexpected:
-            raise CheckpointError(
-                f"{folder}: PS3 weights do not match vision_tower/config.json "
-                f"(missing {sorted(missing)[:4]}, unexpected {sorted(unexpected)[:4]})"
-            )
-        for k, v in expected.items():
-            if v.shape != state[k].shape:
-                raise CheckpointError(f"{folder}: {k} has shape {tuple(state[k].shape)}, expected {tuple(v.shape)}")
-        tower.load_state_dict(state, assign=True)
-        return tower.eval()
+        return assign_weights(tower, Path(folder), dtype=dtype, device=device, what="PS3", skip=unused)

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from ..cache import FeatureCache, content_digest, media_key
+from ..checkpoint import assign_weights
 from ..config import VilaConfig
 from ..errors import CheckpointError, PromptTooLongError, UsageError, VilaError
 from ..media import Image, Video, load_image
@@ -662,34 +663,12 @@ def validate_generation_args(
 
 def load_projector(cfg: VilaConfig, folder: Path | None, dtype: torch.dtype, device: torch.device) -> MultimodalProjector:
     """Built on the meta device, weights assigned straight from safetensors (no random init)."""
-    from safetensors.torch import load_file
-
     with torch.device("meta"):
         projector = MultimodalProjector(cfg.projector_type, cfg.vision.mm_hidden_size, cfg.llm_hidden_size)
     if folder is None:
         return projector
-    files = sorted(folder.glob("*.safetensors"))
-    if not files:
-        raise CheckpointError(f"no safetensors weights in {folder}; the checkpoint is incomplete (re-download it)")
-    state: dict[str, torch.Tensor] = {}
-    for f in files:
-        state.update(load_file(f, device=str(device)))
-    state = {k: v.to(dtype) for k, v in state.items()}
-    expected = projector.state_dict()
-    missing, unexpected = set(expected) - set(state), set(state) - set(expected)
-    if missing or unexpected:
-        raise CheckpointError(
-            f"{folder}: projector weights do not match type {cfg.projector_type!r} "
-            f"(missing {sorted(missing)[:4]}, unexpected {sorted(unexpected)[:4]})"
-        )
-    for k, v in expected.items():
-        if v.shape != state[k].shape:
-            raise CheckpointError(
-                f"{folder}: {k} has shape {tuple(state[k].shape)}, expected {tuple(v.shape)} "
-                f"(mm_hidden_size {cfg.vision.mm_hidden_size}, LLM hidden {cfg.llm_hidden_size})"
-            )
-    projector.load_state_dict(state, assign=True)
-    return projector.eval()
+    hint = f" (type {cfg.projector_type!r}, mm_hidden_size {cfg.vision.mm_hidden_size}, LLM hidden {cfg.llm_hidden_size})"
+    return assign_weights(projector, folder, dtype=dtype, device=device, what="projector", hint=hint)
 
 
 def load_llm(cfg: VilaConfig, dtype: torch.dtype, device_map: Any, extra: dict[str, Any] | None = None) -> nn.Module:

@@ -27,8 +27,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..checkpoint import assign_weights, stored_keys
 from ..config import TopDownConfig, VilaConfig
-from ..errors import CheckpointError, UnsupportedModelError, UsageError, VilaError
+from ..errors import UnsupportedModelError, UsageError, VilaError
 from ..prompt import Template
 from .encoders import wrap
 from .projector import DownSample, MultimodalProjector
@@ -455,22 +456,13 @@ def load_topdown_projector(
 ) -> TopDownProjector:
     """Projector and VILA-HD extras from ``mm_projector/*.safetensors``, built on the meta device. The prompt
     head is built when its weights are there (the reference builds it when trained ``after_prompt``)."""
-    from safetensors.torch import load_file
-
     assert cfg.top_down is not None
     if cfg.projector_type not in PS3_PROJECTORS:
         raise UnsupportedModelError(
             f"mm_projector_type {cfg.projector_type!r} cannot be used with PS3; supported: {', '.join(PS3_PROJECTORS)}"
         )
     folder = Path(cfg.projector_dir)
-    files = sorted(folder.glob("*.safetensors"))
-    if not files:
-        raise CheckpointError(f"no safetensors weights in {folder}; the checkpoint is incomplete (re-download it)")
-    state: dict[str, torch.Tensor] = {}
-    for f in files:
-        state.update(load_file(f, device=str(device)))
-    state = {k: v.to(dtype) for k, v in state.items()}
-    with_head = any(k.startswith("top_down_prompt_head.") for k in state)
+    with_head = any(k.startswith("top_down_prompt_head.") for k in stored_keys(folder))
     with torch.device("meta"):
         projector = TopDownProjector(
             cfg.projector_type,
@@ -481,18 +473,8 @@ def load_topdown_projector(
             len(ps3.scales),
             with_head,
         )
-    expected = projector.state_dict()
-    missing, unexpected = set(expected) - set(state), set(state) - set(expected)
-    if missing or unexpected:
-        raise CheckpointError(
-            f"{folder}: projector weights do not match config.json (type {cfg.projector_type!r}, high_res_pos_embed "
-            f"{cfg.top_down.high_res_pos_embed}): missing {sorted(missing)[:4]}, unexpected {sorted(unexpected)[:4]}"
-        )
-    for k, v in expected.items():
-        if v.shape != state[k].shape:
-            raise CheckpointError(f"{folder}: {k} has shape {tuple(state[k].shape)}, expected {tuple(v.shape)}")
-    projector.load_state_dict(state, assign=True)
-    return projector.eval()
+    hint = f" (type {cfg.projector_type!r}, high_res_pos_embed {cfg.top_down.high_res_pos_embed})"
+    return assign_weights(projector, folder, dtype=dtype, device=device, what="VILA-HD projector", hint=hint)
 
 
 def load_vila_hd(
