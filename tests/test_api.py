@@ -5,10 +5,10 @@ from __future__ import annotations
 import PIL.Image
 import pytest
 import torch
+from conftest import INPUTS, TINY
 from transformers import GenerationConfig
 
 import vila
-from conftest import INPUTS, TINY
 from vila.errors import CheckpointError, MediaError, UsageError
 from vila.model.vila import to_turns
 

@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import GOLDENS, INPUTS, TINY
 
 DEMO = str(INPUTS / "demo_img.png")
@@ -17,7 +16,11 @@ DEMO = str(INPUTS / "demo_img.png")
 
 def run(*args: str, timeout: int = 120) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "vila.cli", *args], capture_output=True, text=True, timeout=timeout, env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"}
+        [sys.executable, "-m", "vila.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"},
     )
 
 
@@ -33,7 +36,9 @@ def assert_one_line_error(p: subprocess.CompletedProcess, code: int, *needles: s
 
 def test_answer_alone_on_stdout_matches_golden():
     golden = json.loads((GOLDENS / "nvila-tiny" / "demo_image.json").read_text())
-    p = run("-m", str(TINY / "nvila-tiny"), "--media", DEMO, "--text", "Please describe the image", "--max-new-tokens", "16")
+    p = run(
+        "-m", str(TINY / "nvila-tiny"), "--media", DEMO, "--text", "Please describe the image", "--max-new-tokens", "16"
+    )
     assert p.returncode == 0, p.stderr
     assert p.stdout == golden["generated_text"] + "\n"
 
@@ -41,7 +46,18 @@ def test_answer_alone_on_stdout_matches_golden():
 def test_vicuna_checkpoint_with_conv_mode_and_placeholder_text():
     golden = json.loads((GOLDENS / "vila15-tiny" / "demo_image.json").read_text())
     # "<image>Please describe the image": the placeholder puts the image where the reference puts it
-    p = run("-m", str(TINY / "vila15-tiny"), "-c", "vicuna_v1", "--media", DEMO, "--text", "<image>Please describe the image", "--max-new-tokens", "16")
+    p = run(
+        "-m",
+        str(TINY / "vila15-tiny"),
+        "-c",
+        "vicuna_v1",
+        "--media",
+        DEMO,
+        "--text",
+        "<image>Please describe the image",
+        "--max-new-tokens",
+        "16",
+    )
     assert p.returncode == 0, p.stderr
     assert p.stdout.strip() == golden["generated_text"]
 
@@ -80,8 +96,18 @@ def edit_json(path: Path, **changes) -> None:
     "name, edit, code, needle",
     [
         ("missing llm/", lambda r: shutil.rmtree(r / "llm"), 3, "no llm/ folder"),
-        ("missing config key", lambda r: edit_json(r / "config.json", mm_vision_select_layer=None), 3, "mm_vision_select_layer"),
-        ("unknown projector", lambda r: edit_json(r / "mm_projector" / "config.json", mm_projector_type="mlp_magic"), 3, "mlp_magic"),
+        (
+            "missing config key",
+            lambda r: edit_json(r / "config.json", mm_vision_select_layer=None),
+            3,
+            "mm_vision_select_layer",
+        ),
+        (
+            "unknown projector",
+            lambda r: edit_json(r / "mm_projector" / "config.json", mm_projector_type="mlp_magic"),
+            3,
+            "mlp_magic",
+        ),
         ("unknown aspect ratio", lambda r: edit_json(r / "config.json", image_aspect_ratio="anyres"), 3, "anyres"),
         ("not a checkpoint", lambda r: (r / "config.json").unlink(), 3, "no config.json"),
     ],
@@ -94,16 +120,22 @@ def test_bad_checkpoints(tmp_path, name, edit, code, needle):
 def test_bad_media(tmp_path):
     corrupt = tmp_path / "broken.png"
     corrupt.write_bytes((INPUTS / "demo_img.png").read_bytes()[:2000])
-    assert_one_line_error(run("-m", str(TINY / "nvila-tiny"), "--media", str(tmp_path / "nope.jpg"), "--text", "x"), 4, "not found")
+    assert_one_line_error(
+        run("-m", str(TINY / "nvila-tiny"), "--media", str(tmp_path / "nope.jpg"), "--text", "x"), 4, "not found"
+    )
     assert_one_line_error(run("-m", str(TINY / "nvila-tiny"), "--media", str(corrupt), "--text", "x"), 4, "broken.png")
 
 
 def test_wrong_model_path_and_usage_errors():
     assert_one_line_error(run("-m", "/no/such/model", "--text", "hi"), 3, "/no/such/model")
     assert_one_line_error(run("-m", str(TINY / "nvila-tiny"), "--text", "hi", "--conv-mode", "vicuna"), 2, "vicuna")
-    assert_one_line_error(run("-m", str(TINY / "nvila-tiny"), "--text", "hi", "--max-new-tokens", "0"), 2, "max_new_tokens")
+    assert_one_line_error(
+        run("-m", str(TINY / "nvila-tiny"), "--text", "hi", "--max-new-tokens", "0"), 2, "max_new_tokens"
+    )
     assert_one_line_error(run("-m", str(TINY / "nvila-tiny"), "--text", "  "), 2, "nothing to answer")
-    assert_one_line_error(run("-m", str(TINY / "nvila-tiny"), "--text", "a <image> b <image>", "--media", DEMO), 2, "placeholder")
+    assert_one_line_error(
+        run("-m", str(TINY / "nvila-tiny"), "--text", "a <image> b <image>", "--media", DEMO), 2, "placeholder"
+    )
 
 
 def test_debug_shows_traceback():

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import INPUTS, golden_files, read_golden
 
 import vila
-from conftest import INPUTS, golden_files, read_golden
 
 GOLDENS = [p for p in golden_files() if read_golden(p)["status"] == "ok"]
 

@@ -6,8 +6,8 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
-
 from conftest import GOLDENS, INPUTS, TINY, read_golden
+
 from vila.config import ProcessorConfig, parse_config
 from vila.media import load_image
 from vila.preprocess import (
@@ -126,7 +126,9 @@ def test_rgba_alpha_is_dropped_not_composited():
     assert torch.is_tensor(normalize(np.zeros((1, 2, 2, 3), np.uint8), ProcessorConfig(size=2)))
 
 
-@pytest.mark.parametrize("variant, mode", [("nvila-tiny", None), ("vila15-tiny", None), ("vila15-tiny", "pad"), ("nvila-lite-tiny", None)])
+@pytest.mark.parametrize(
+    "variant, mode", [("nvila-tiny", None), ("vila15-tiny", None), ("vila15-tiny", "pad"), ("nvila-lite-tiny", None)]
+)
 def test_frame_transform_keeps_pixels_exact(variant, mode):
     """Reducing frames to their tile at decode time (memory) gives the same pixels as preprocessing them later."""
     from dataclasses import replace

@@ -40,11 +40,37 @@ def test_downsample_3x3_order_and_padding():
     [
         ("linear", ["layers.weight", "layers.bias"]),
         ("mlp2x_gelu", ["layers.0.weight", "layers.0.bias", "layers.2.weight", "layers.2.bias"]),
-        ("mlp_downsample", ["layers.1.weight", "layers.1.bias", "layers.2.weight", "layers.2.bias", "layers.4.weight", "layers.4.bias"]),
-        ("mlp_downsample_2x2_fix", ["layers.1.weight", "layers.1.bias", "layers.2.weight", "layers.2.bias", "layers.4.weight", "layers.4.bias"]),
+        (
+            "mlp_downsample",
+            [
+                "layers.1.weight",
+                "layers.1.bias",
+                "layers.2.weight",
+                "layers.2.bias",
+                "layers.4.weight",
+                "layers.4.bias",
+            ],
+        ),
+        (
+            "mlp_downsample_2x2_fix",
+            [
+                "layers.1.weight",
+                "layers.1.bias",
+                "layers.2.weight",
+                "layers.2.bias",
+                "layers.4.weight",
+                "layers.4.bias",
+            ],
+        ),
         ("mlp_downsample_3x3_fix", [f"layers.{i}.{p}" for i in (1, 2, 4, 5, 7) for p in ("weight", "bias")]),
-        ("mlp_downsample_3x3_s2", [f"layers.{i}.{p}" for i in (1, 2, 4, 5, 7, 8, 10, 11, 13) for p in ("weight", "bias")]),
-        ("mlp_downsample_3x3_s2_new", [f"layers.{i}.{p}" for i in (1, 2, 4, 5, 7, 8, 10, 11, 13, 14, 16) for p in ("weight", "bias")]),
+        (
+            "mlp_downsample_3x3_s2",
+            [f"layers.{i}.{p}" for i in (1, 2, 4, 5, 7, 8, 10, 11, 13) for p in ("weight", "bias")],
+        ),
+        (
+            "mlp_downsample_3x3_s2_new",
+            [f"layers.{i}.{p}" for i in (1, 2, 4, 5, 7, 8, 10, 11, 13, 14, 16) for p in ("weight", "bias")],
+        ),
         ("identity", []),
     ],
 )

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pytest
-
 from conftest import TINY
+
 from vila.errors import UsageError
 from vila.prompt import CONV_MODES, build_user_text, detect_conv_mode, get_template
 from vila.tokenizer import infer_stop_token_ids, load_tokenizer
@@ -82,7 +82,18 @@ def test_stop_tokens(variant, mode, want):
 def test_llama_tokenizer_keeps_saved_normalizer():
     """tokenizer.json verbatim: a ▁ after every special token, also before a leading space (spec §6.5)."""
     tok = load_tokenizer(TINY / "vila15-tiny" / "llm")
-    assert tok.convert_ids_to_tokens(tok("USER: <image>Please").input_ids) == ["<s>", "▁", "US", "ER", ":", "▁", "<image>", "▁", "P", "lease"]
+    assert tok.convert_ids_to_tokens(tok("USER: <image>Please").input_ids) == [
+        "<s>",
+        "▁",
+        "US",
+        "ER",
+        ":",
+        "▁",
+        "<image>",
+        "▁",
+        "P",
+        "lease",
+    ]
     assert tok.convert_ids_to_tokens(tok("<image> Please").input_ids)[2] == "▁▁P"
     assert tok("\n").input_ids == [1, 351, 13]  # <s> ▁ <0x0A>: 3 end-token positions (quirk #4)
 
@@ -113,4 +124,7 @@ def test_user_text_concatenates_without_separator_and_strips_typed_media_tokens(
     ],
 )
 def test_detect_conv_mode(path, chat, markers, version, want):
-    assert detect_conv_mode(path, has_chat_template=chat, vocab_markers=frozenset(markers), training_version=version) == want
+    assert (
+        detect_conv_mode(path, has_chat_template=chat, vocab_markers=frozenset(markers), training_version=version)
+        == want
+    )

@@ -5,9 +5,9 @@ from __future__ import annotations
 import PIL.Image
 import pytest
 import torch
+from conftest import INPUTS
 
 import vila
-from conftest import INPUTS
 from vila.errors import PromptTooLongError
 from vila.model.vila import to_turns
 
@@ -34,6 +34,7 @@ def test_basic_encoder_equals_frames_as_images(tiny_model):
 
 def test_tsp_pools_and_pads_frame_count(tiny_model):
     model = tiny_model("nvila8b-video-tiny")  # TSP [[8, 1, 1]], 256 tokens per frame, "\n" end token
+
     def count(n: int) -> list[int]:
         return model.prepare(to_turns([vila.Video(frames(n)), "x"]), num_video_frames=n).media_tokens
 

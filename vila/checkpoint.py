@@ -44,7 +44,9 @@ def resolve_checkpoint(
     if local.exists():
         return _checkpoint_root(local)
     if not looks_like_hub_id(name):
-        raise CheckpointError(f"model path not found: {name}; pass an existing folder or a hub id like Efficient-Large-Model/NVILA-8B")
+        raise CheckpointError(
+            f"model path not found: {name}; pass an existing folder or a hub id like Efficient-Large-Model/NVILA-8B"
+        )
     return _checkpoint_root(download(name, revision=revision, cache_dir=cache_dir))
 
 
@@ -55,7 +57,9 @@ def _checkpoint_root(path: Path) -> Path:
     if (path / "model").is_dir():
         path = path / "model"
     if not (path / "config.json").exists():
-        raise CheckpointError(f"{path} is not a VILA checkpoint (no config.json); pass the folder with config.json, llm/, vision_tower/, mm_projector/")
+        raise CheckpointError(
+            f"{path} is not a VILA checkpoint (no config.json); pass the folder with config.json, llm/, vision_tower/, mm_projector/"
+        )
     return path
 
 
@@ -81,7 +85,9 @@ def download(repo_id: str, *, revision: str | None = None, cache_dir: str | os.P
             f"model {repo_id!r} not found on the Hugging Face Hub (or it is private); check the id, e.g. Efficient-Large-Model/NVILA-8B"
         ) from e
     except RevisionNotFoundError as e:
-        raise CheckpointError(f"revision {revision!r} does not exist for {repo_id}; check the branch, tag or commit") from e
+        raise CheckpointError(
+            f"revision {revision!r} does not exist for {repo_id}; check the branch, tag or commit"
+        ) from e
     except LocalEntryNotFoundError as e:
         offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
         why = "offline mode is on (HF_HUB_OFFLINE)" if offline else "the Hub cannot be reached"
@@ -138,7 +144,11 @@ def weight_files(folder: Path, what: str = "") -> list[Path]:
         files = sorted({folder / n for n in names})
         absent = [f.name for f in files if not f.exists()]
         if absent:
-            raise CheckpointError(f"missing {what} weight shard {absent[0]} in {folder}; the checkpoint is incomplete (re-download it)".replace("  ", " "))
+            raise CheckpointError(
+                f"missing {what} weight shard {absent[0]} in {folder}; the checkpoint is incomplete (re-download it)".replace(
+                    "  ", " "
+                )
+            )
         return files
     files = sorted(folder.glob("*.safetensors"))
     if not files:

@@ -59,56 +59,198 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EXAMPLES + "\n" + EXIT_CODES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--model-path", "-m", required=True, help="checkpoint folder or Hugging Face hub id, e.g. Efficient-Large-Model/NVILA-8B")
+    p.add_argument(
+        "--model-path",
+        "-m",
+        required=True,
+        help="checkpoint folder or Hugging Face hub id, e.g. Efficient-Large-Model/NVILA-8B",
+    )
     p.add_argument(
         "--conv-mode",
         "-c",
         default="auto",
         help="conversation template: auto (default: the one the checkpoint was trained with), vicuna_v1, llama_3, hermes-2, plain",
     )
-    p.add_argument("--text", default=None, help="the question; <image> / <video> placeholders put the media there, otherwise media come first")
-    p.add_argument("--media", nargs="+", default=[], metavar="PATH_OR_URL", help="images, videos (files, URLs) or directories of video frames, in prompt order")
-    p.add_argument("--num-video-frames", "-nf", "--num_video_frames", type=int, default=None, help="frames sampled per video (default: the checkpoint's num_video_frames)")
-    p.add_argument("--fps", type=float, default=None, help="sample videos at this many frames per second, at most --num-video-frames frames (0 = uniform; default: the checkpoint's fps)")
-    p.add_argument("--video-max-tiles", "-vm", "--video_max_tiles", type=int, default=None, help="tiles per video frame for dynamic-resolution models (default: the checkpoint's video_max_tiles)")
-    p.add_argument("--max-new-tokens", type=int, default=None, help="stop after this many new tokens (default: until a stop token or the context is full, as the reference)")
-    p.add_argument("--temperature", type=float, default=None, help="sampling temperature; 0 or unset = greedy decoding (the reference's default)")
-    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling threshold in (0, 1] (only with --temperature > 0)")
+    p.add_argument(
+        "--text",
+        default=None,
+        help="the question; <image> / <video> placeholders put the media there, otherwise media come first",
+    )
+    p.add_argument(
+        "--media",
+        nargs="+",
+        default=[],
+        metavar="PATH_OR_URL",
+        help="images, videos (files, URLs) or directories of video frames, in prompt order",
+    )
+    p.add_argument(
+        "--num-video-frames",
+        "-nf",
+        "--num_video_frames",
+        type=int,
+        default=None,
+        help="frames sampled per video (default: the checkpoint's num_video_frames)",
+    )
+    p.add_argument(
+        "--fps",
+        type=float,
+        default=None,
+        help="sample videos at this many frames per second, at most --num-video-frames frames (0 = uniform; default: the checkpoint's fps)",
+    )
+    p.add_argument(
+        "--video-max-tiles",
+        "-vm",
+        "--video_max_tiles",
+        type=int,
+        default=None,
+        help="tiles per video frame for dynamic-resolution models (default: the checkpoint's video_max_tiles)",
+    )
+    p.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=None,
+        help="stop after this many new tokens (default: until a stop token or the context is full, as the reference)",
+    )
+    p.add_argument(
+        "--temperature",
+        type=float,
+        default=None,
+        help="sampling temperature; 0 or unset = greedy decoding (the reference's default)",
+    )
+    p.add_argument(
+        "--top-p", type=float, default=None, help="nucleus sampling threshold in (0, 1] (only with --temperature > 0)"
+    )
     p.add_argument("--seed", type=int, default=None, help="random seed for sampling, for reproducible samples")
     p.add_argument("--device", default=None, help="auto (default: cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
-    p.add_argument("--dtype", default=None, help="auto (default: bf16/fp16 on GPU, fp32 on CPU), float32, float16 or bfloat16")
+    p.add_argument(
+        "--dtype", default=None, help="auto (default: bf16/fp16 on GPU, fp32 on CPU), float32, float16 or bfloat16"
+    )
     p.add_argument("--revision", default=None, help="hub branch, tag or commit to download (default: main)")
     p.add_argument("--cache-dir", default=None, help="where hub downloads are cached (default: the Hugging Face cache)")
     # -- adapters, quantisation, several GPUs (vila.lora, vila.quantization, vila.device.plan_placement)
-    p.add_argument("--lora-path", "-l", default=None, help="a LoRA adapter (folder or hub id) trained on --model-path; merged at load (needs vila[lora])")
+    p.add_argument(
+        "--lora-path",
+        "-l",
+        default=None,
+        help="a LoRA adapter (folder or hub id) trained on --model-path; merged at load (needs vila[lora])",
+    )
     bits = p.add_mutually_exclusive_group()
-    bits.add_argument("--load-8bit", action="store_true", help="load the LLM in 8-bit through bitsandbytes (CUDA only; needs vila[quant])")
-    bits.add_argument("--load-4bit", action="store_true", help="load the LLM in 4-bit NF4 through bitsandbytes (CUDA only; needs vila[quant])")
-    p.add_argument("--devices", default=None, metavar="0,1", help="shard the LLM over these GPUs (vision tower and projector on the first)")
-    p.add_argument("--max-memory", default=None, metavar="0=20GiB,1=20GiB", help="cap the memory accelerate may use per device when sharding (cpu=... offloads)")
+    bits.add_argument(
+        "--load-8bit",
+        action="store_true",
+        help="load the LLM in 8-bit through bitsandbytes (CUDA only; needs vila[quant])",
+    )
+    bits.add_argument(
+        "--load-4bit",
+        action="store_true",
+        help="load the LLM in 4-bit NF4 through bitsandbytes (CUDA only; needs vila[quant])",
+    )
+    p.add_argument(
+        "--devices",
+        default=None,
+        metavar="0,1",
+        help="shard the LLM over these GPUs (vision tower and projector on the first)",
+    )
+    p.add_argument(
+        "--max-memory",
+        default=None,
+        metavar="0=20GiB,1=20GiB",
+        help="cap the memory accelerate may use per device when sharding (cpu=... offloads)",
+    )
     # -- VILA-HD (PS3) patch selection; unset flags fall back to the reference's environment variables
     hd = p.add_argument_group(
         "VILA-HD (PS3) patch selection",
         "default: the checkpoint's settings; env NUM_LOOK_CLOSE, NUM_TOKEN_LOOK_CLOSE, SELECT_NUM_EACH_SCALE, "
         "LOOK_CLOSE_MODE, SMOOTH_SELECTION_PROB apply when the flag is not given",
     )
-    hd.add_argument("--num-look-close", type=int, default=None, metavar="N", help="high-res passes; each encodes the next most relevant patches")
-    hd.add_argument("--num-token-look-close", type=int, default=None, metavar="N", help="encode N high-res patches in all (wins over --num-look-close)")
-    hd.add_argument("--select-num-each-scale", default=None, metavar="A+B[+C]", help="patches per pass at each high-res scale, e.g. 512+2048 (1.5K)")
-    hd.add_argument("--look-close-mode", choices=("after_prompt", "after_image"), default=None, help="select patches for the question (after_prompt) or by image saliency")
-    hd.add_argument("--smooth-selection-prob", action=argparse.BooleanOptionalAction, default=None, help="select larger regions (probabilities averaged on a 6x6 grid)")
+    hd.add_argument(
+        "--num-look-close",
+        type=int,
+        default=None,
+        metavar="N",
+        help="high-res passes; each encodes the next most relevant patches",
+    )
+    hd.add_argument(
+        "--num-token-look-close",
+        type=int,
+        default=None,
+        metavar="N",
+        help="encode N high-res patches in all (wins over --num-look-close)",
+    )
+    hd.add_argument(
+        "--select-num-each-scale",
+        default=None,
+        metavar="A+B[+C]",
+        help="patches per pass at each high-res scale, e.g. 512+2048 (1.5K)",
+    )
+    hd.add_argument(
+        "--look-close-mode",
+        choices=("after_prompt", "after_image"),
+        default=None,
+        help="select patches for the question (after_prompt) or by image saliency",
+    )
+    hd.add_argument(
+        "--smooth-selection-prob",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="select larger regions (probabilities averaged on a 6x6 grid)",
+    )
     # -- streaming, chat, batch, JSON output, timings (vila.chat, vila.batch, vila.structured)
     use = p.add_argument_group("streaming, chat, batch, JSON output and timings")
-    use.add_argument("--no-stream", action="store_true", help="print the answer when it is complete (default: stream it token by token when stdout is a terminal)")
-    use.add_argument("--chat", action="store_true", help="interactive multi-turn chat: /image PATH, /video PATH, /reset, /help, /quit (--media / --text start it)")
-    use.add_argument("--batch", default=None, metavar="REQUESTS.jsonl", help='answer every line {"id", "text", "media": [...], optional settings} of a JSON-lines file, one model load')
-    use.add_argument("--output", default=None, metavar="ANSWERS.jsonl", help="--batch: append one JSON line per request here (id and answer, or id and error)")
-    use.add_argument("--resume", action="store_true", help="--batch: continue an existing --output, skipping the requests it already has a line for")
-    use.add_argument("--batch-size", type=int, default=8, metavar="N", help="--batch: requests encoded and generated together (default: 8)")
-    use.add_argument("--json-mode", action="store_true", help="constrain the answer to a JSON object (needs vila[json])")
-    use.add_argument("--json-schema", default=None, metavar="SCHEMA.json", help="constrain the answer to this JSON Schema, a .json file (implies --json-mode; needs vila[json])")
-    use.add_argument("--output-format", choices=("text", "json"), default="text", help="text (default): the answer; json: one JSON object with the answer, token counts and timings")
-    use.add_argument("--stats", action="store_true", help="print to stderr: load, media decode and vision encode time, time to first token, decode tokens/s, peak RSS and CUDA memory, visual tokens per media item")
+    use.add_argument(
+        "--no-stream",
+        action="store_true",
+        help="print the answer when it is complete (default: stream it token by token when stdout is a terminal)",
+    )
+    use.add_argument(
+        "--chat",
+        action="store_true",
+        help="interactive multi-turn chat: /image PATH, /video PATH, /reset, /help, /quit (--media / --text start it)",
+    )
+    use.add_argument(
+        "--batch",
+        default=None,
+        metavar="REQUESTS.jsonl",
+        help='answer every line {"id", "text", "media": [...], optional settings} of a JSON-lines file, one model load',
+    )
+    use.add_argument(
+        "--output",
+        default=None,
+        metavar="ANSWERS.jsonl",
+        help="--batch: append one JSON line per request here (id and answer, or id and error)",
+    )
+    use.add_argument(
+        "--resume",
+        action="store_true",
+        help="--batch: continue an existing --output, skipping the requests it already has a line for",
+    )
+    use.add_argument(
+        "--batch-size",
+        type=int,
+        default=8,
+        metavar="N",
+        help="--batch: requests encoded and generated together (default: 8)",
+    )
+    use.add_argument(
+        "--json-mode", action="store_true", help="constrain the answer to a JSON object (needs vila[json])"
+    )
+    use.add_argument(
+        "--json-schema",
+        default=None,
+        metavar="SCHEMA.json",
+        help="constrain the answer to this JSON Schema, a .json file (implies --json-mode; needs vila[json])",
+    )
+    use.add_argument(
+        "--output-format",
+        choices=("text", "json"),
+        default="text",
+        help="text (default): the answer; json: one JSON object with the answer, token counts and timings",
+    )
+    use.add_argument(
+        "--stats",
+        action="store_true",
+        help="print to stderr: load, media decode and vision encode time, time to first token, decode tokens/s, peak RSS and CUDA memory, visual tokens per media item",
+    )
     p.add_argument("--debug", action="store_true", help="show full tracebacks and debug logs")
     p.add_argument("--version", action="version", version=f"vila {__version__}")
     return p
@@ -161,7 +303,9 @@ def build_prompt(text: str | None, media: Sequence[str]) -> list[Any]:
     if not holes:
         return [*items, text]
     if len(holes) != len(items):
-        raise UsageError(f"--text has {len(holes)} media placeholder(s) but {len(items)} --media item(s) were given; make them match")
+        raise UsageError(
+            f"--text has {len(holes)} media placeholder(s) but {len(items)} --media item(s) were given; make them match"
+        )
     prompt: list[Any] = []
     it = iter(items)
     for piece in pieces:
@@ -174,7 +318,11 @@ def build_prompt(text: str | None, media: Sequence[str]) -> list[Any]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if args.debug else logging.WARNING,
+        stream=sys.stderr,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
     if not args.debug:
         import warnings
 
@@ -193,7 +341,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as e:  # noqa: BLE001 - one line, not a traceback, for anything unexpected
         if args.debug:
             raise
-        print(f"vila-infer: internal error: {type(e).__name__}: {e} (rerun with --debug for the traceback)", file=sys.stderr)
+        print(
+            f"vila-infer: internal error: {type(e).__name__}: {e} (rerun with --debug for the traceback)",
+            file=sys.stderr,
+        )
         return 1
 
 
@@ -343,11 +494,15 @@ def check_use_flags(args: argparse.Namespace) -> Any:
         if os.path.isdir(args.output):
             raise UsageError(f"--output {args.output} is a directory; pass a file name")
         if os.path.exists(args.output) and os.path.getsize(args.output) > 0 and not args.resume:
-            raise UsageError(f"--output {args.output} already exists; pass --resume to continue it, or choose a new file")
+            raise UsageError(
+                f"--output {args.output} already exists; pass --resume to continue it, or choose a new file"
+            )
     elif args.output or args.resume:
         raise UsageError("--output and --resume only apply to --batch")
     if args.output_format == "json" and (args.chat or args.batch):
-        raise UsageError("--output-format json is for single answers; --batch always writes JSON lines, --chat prints text")
+        raise UsageError(
+            "--output-format json is for single answers; --batch always writes JSON lines, --chat prints text"
+        )
     from .structured import load_schema_file, require_xgrammar
 
     if args.json_schema:
@@ -398,7 +553,10 @@ def has_video_file(prompt: Sequence[Any]) -> bool:
     """Whether a prompt holds a video file (time tokens in its answer become seconds, as in the reference CLI)."""
     from .media import Video
 
-    return any(isinstance(part, Video) and isinstance(part.source, (str, os.PathLike)) and not os.path.isdir(part.source) for part in prompt)
+    return any(
+        isinstance(part, Video) and isinstance(part.source, (str, os.PathLike)) and not os.path.isdir(part.source)
+        for part in prompt
+    )
 
 
 def answer_once(model: Any, args: argparse.Namespace, prompt: list[Any], gen: dict[str, Any], load_s: float) -> int:
@@ -447,7 +605,9 @@ def run_batch_mode(model: Any, args: argparse.Namespace, gen: dict[str, Any], lo
     from .batch import SETTINGS, run_batch
 
     defaults = {k: gen.get(k) for k in SETTINGS}
-    summary = run_batch(model, args.batch, args.output, resume=args.resume, batch_size=args.batch_size, defaults=defaults)
+    summary = run_batch(
+        model, args.batch, args.output, resume=args.resume, batch_size=args.batch_size, defaults=defaults
+    )
     rate = (summary.answered + summary.failed) / summary.seconds if summary.seconds > 0 else 0.0
     print(
         f"vila-infer: batch: {summary.answered} answered, {summary.failed} failed, {summary.skipped} already in "
@@ -456,9 +616,16 @@ def run_batch_mode(model: Any, args: argparse.Namespace, gen: dict[str, Any], lo
     )
     if args.stats:
         mem = peak_memory()
-        print(f"  load {load_s:.2f} s, peak RSS {_gib(mem['rss_bytes'])}" + (f", CUDA {_gib(mem['cuda_bytes'])}" if mem.get("cuda_bytes") else ""), file=sys.stderr)
+        print(
+            f"  load {load_s:.2f} s, peak RSS {_gib(mem['rss_bytes'])}"
+            + (f", CUDA {_gib(mem['cuda_bytes'])}" if mem.get("cuda_bytes") else ""),
+            file=sys.stderr,
+        )
     if summary.failed:
-        print(f"vila-infer: {summary.failed} request(s) failed; their rows in {args.output} carry \"error\"", file=sys.stderr)
+        print(
+            f'vila-infer: {summary.failed} request(s) failed; their rows in {args.output} carry "error"',
+            file=sys.stderr,
+        )
         return 7
     return 0
 
@@ -495,8 +662,14 @@ def print_stats(result: Any, load_s: float) -> None:
     speed = t.get("decode_tokens_per_s")
     lines.append(f"decode               {speed:8.1f} tokens/s" if speed else "decode                    n/a")
     lines.append(f"tokens               {result.num_prompt_tokens} prompt positions, {len(result.token_ids)} generated")
-    lines.append("visual tokens        " + (", ".join(map(str, result.media_tokens)) + " (per media item)" if result.media_tokens else "none"))
-    lines.append(f"peak memory          RSS {_gib(mem['rss_bytes'])}" + (f", CUDA {_gib(mem['cuda_bytes'])}" if "cuda_bytes" in mem else ", CUDA n/a"))
+    lines.append(
+        "visual tokens        "
+        + (", ".join(map(str, result.media_tokens)) + " (per media item)" if result.media_tokens else "none")
+    )
+    lines.append(
+        f"peak memory          RSS {_gib(mem['rss_bytes'])}"
+        + (f", CUDA {_gib(mem['cuda_bytes'])}" if "cuda_bytes" in mem else ", CUDA n/a")
+    )
     print("vila-infer stats:\n  " + "\n  ".join(lines), file=sys.stderr)
 
 

@@ -82,7 +82,9 @@ class ProcessorConfig:
     def from_dict(cls, d: dict[str, Any], default_size: int) -> ProcessorConfig:
         ptype = d.get("image_processor_type", "SiglipImageProcessor")
         if ptype == "InternVisionPreprocessor":
-            return cls(size=default_size, image_mean=(0.485, 0.456, 0.406), image_std=(0.229, 0.224, 0.225), kind="intern")
+            return cls(
+                size=default_size, image_mean=(0.485, 0.456, 0.406), image_std=(0.229, 0.224, 0.225), kind="intern"
+            )
         if ptype == "PS3ImageProcessor":
             # Squash resize to `image_size`; mean/std from its own `mean`/`std` keys, else the OpenAI CLIP
             # constants (spec vila_hd.md §12.1). ToTensor + Normalize equal the SigLIP path bit for bit.
@@ -170,7 +172,9 @@ class TopDownConfig:
             )
         head = top.get("top_down_prompt_head_type") or "linear"
         if head not in ("linear", "mlp"):
-            raise UnsupportedModelError(f"config.json: unknown top_down_prompt_head_type {head!r}; supported: linear, mlp")
+            raise UnsupportedModelError(
+                f"config.json: unknown top_down_prompt_head_type {head!r}; supported: linear, mlp"
+            )
         token = top.get("num_token_look_close")
         return cls(
             look_close_mode=top.get("look_close_mode"),
@@ -255,7 +259,9 @@ def vision_kind(vision_cfg: dict[str, Any], top: dict[str, Any]) -> str:
     if "siglip" in name:
         return "siglip"
     if "radio" in name or "clip" in name:
-        raise UnsupportedModelError(f"vision tower {archs[0]!r} (RADIO/CLIP) is not supported yet; no released VILA uses it")
+        raise UnsupportedModelError(
+            f"vision tower {archs[0]!r} (RADIO/CLIP) is not supported yet; no released VILA uses it"
+        )
     raise UnsupportedModelError(f"unknown vision tower {archs[0]!r} in vision_tower/config.json")
 
 

@@ -53,7 +53,9 @@ def load(
             f"config.json: unknown image_aspect_ratio {cfg.image_aspect_ratio!r}; supported: resize, pad, dynamic, dynamic_s2"
         )
     if cfg.image_aspect_ratio == "pad" and cfg.processor.kind == "intern":
-        raise UnsupportedModelError("image_aspect_ratio 'pad' cannot be used with the InternViT tower (it has no image mean)")
+        raise UnsupportedModelError(
+            "image_aspect_ratio 'pad' cannot be used with the InternViT tower (it has no image mean)"
+        )
     if not any(cfg.llm_dir.glob("*.safetensors")):
         raise UnsupportedModelError(
             f"{cfg.llm_dir} holds no safetensors weights: AWQ / TinyChat checkpoints (*-AWQ, quantised .pt files) and "

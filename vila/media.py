@@ -65,7 +65,9 @@ def fetch_url(url: str) -> bytes:
             return resp.read()
     except (urllib.error.URLError, OSError, ValueError) as e:
         reason = getattr(e, "reason", e)
-        raise MediaError(f"cannot download {url}: {reason}; check the URL and your network, or pass a local file") from e
+        raise MediaError(
+            f"cannot download {url}: {reason}; check the URL and your network, or pass a local file"
+        ) from e
 
 
 def load_image(image: Image | PIL.Image.Image) -> PIL.Image.Image:
@@ -102,7 +104,9 @@ def _open(fp: Any, name: str) -> PIL.Image.Image:
         except PIL.Image.DecompressionBombError as e:
             raise MediaError(f"image {name} is too large to decode safely ({e}); resize it first") from e
         except PIL.UnidentifiedImageError as e:
-            raise MediaError(f"{name} is not an image PIL can read; check the file (is it a video? use vila.Video)") from e
+            raise MediaError(
+                f"{name} is not an image PIL can read; check the file (is it a video? use vila.Video)"
+            ) from e
         except (OSError, SyntaxError, ValueError) as e:
             raise MediaError(f"cannot decode image {name}: {e}; the file may be truncated or corrupt") from e
     return _to_rgb(img, name)

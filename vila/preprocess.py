@@ -121,7 +121,9 @@ def dynamic_tiles(image: PIL.Image.Image, tile: int, min_num: int = 1, max_num: 
     return [PIL.Image.fromarray(t) for t in dynamic_arrays(image, tile, min_num, max_num)]
 
 
-def dynamic_s2_tiles(image: PIL.Image.Image, scales: tuple[int, ...], max_num: int) -> tuple[list[PIL.Image.Image], Grid]:
+def dynamic_s2_tiles(
+    image: PIL.Image.Image, scales: tuple[int, ...], max_num: int
+) -> tuple[list[PIL.Image.Image], Grid]:
     """:func:`dynamic_s2_arrays` as PIL images."""
     tiles, block = dynamic_s2_arrays(image, scales, max_num)
     return [PIL.Image.fromarray(t) for t in tiles], block

@@ -86,7 +86,11 @@ TEMPLATES: dict[str, Template] = {
         "<|end_of_text|>",
     ),
     "hermes-2": Template(
-        "hermes-2", "mpt", "<|im_start|>system\nAnswer the questions.", ("<|im_start|>user\n", "<|im_start|>assistant\n"), "<|im_end|>"
+        "hermes-2",
+        "mpt",
+        "<|im_start|>system\nAnswer the questions.",
+        ("<|im_start|>user\n", "<|im_start|>assistant\n"),
+        "<|im_end|>",
     ),
     "plain": Template("plain", "plain", "", ("", ""), "\n", None),
 }

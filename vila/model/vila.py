@@ -211,7 +211,12 @@ class VilaModel(nn.Module):
         ``cache`` (a :class:`vila.cache.FeatureCache`) skips decoding and encoding media it has seen.
         """
         (result,) = self.prepare_many(
-            [turns], template=template, num_video_frames=num_video_frames, fps=fps, video_max_tiles=video_max_tiles, cache=cache
+            [turns],
+            template=template,
+            num_video_frames=num_video_frames,
+            fps=fps,
+            video_max_tiles=video_max_tiles,
+            cache=cache,
         )
         return result
 
@@ -284,13 +289,20 @@ class VilaModel(nn.Module):
         return cls.prepare is VilaModel.prepare and cls._encode_media is VilaModel._encode_media
 
     def _plan_media(
-        self, turns: Sequence[Turn], cfg: VilaConfig, num_video_frames: int | None, fps: float | None, cache: FeatureCache | None
+        self,
+        turns: Sequence[Turn],
+        cfg: VilaConfig,
+        num_video_frames: int | None,
+        fps: float | None,
+        cache: FeatureCache | None,
     ) -> _MediaPlan:
         """Look every media item up in ``cache`` and decode the ones that miss."""
         parts = [part for turn in turns for part in turn.content]
         for part in parts:
             if not isinstance(part, (str, Image, Video, PIL.Image.Image)):
-                raise UsageError(f"unsupported prompt part {type(part).__name__}; use str, vila.Image, vila.Video or a PIL image")
+                raise UsageError(
+                    f"unsupported prompt part {type(part).__name__}; use str, vila.Image, vila.Video or a PIL image"
+                )
         if all(isinstance(part, str) and not part.strip() for part in parts):
             raise UsageError("the prompt is empty; give some text or at least one image or video")
         num_images = sum(isinstance(part, (Image, PIL.Image.Image)) for part in parts)
@@ -342,7 +354,9 @@ class VilaModel(nn.Module):
                     cache.put(item.key, (item.block, item.duration))
             plan.frame_pixels = []
 
-    def _assemble(self, turns: Sequence[Turn], plan: _MediaPlan, template: Template, timings: dict[str, float]) -> PreparedPrompt:
+    def _assemble(
+        self, turns: Sequence[Turn], plan: _MediaPlan, template: Template, timings: dict[str, float]
+    ) -> PreparedPrompt:
         """Render the conversation and splice the media blocks into its embeddings."""
         image_blocks = [block for item in plan.images for block in item.blocks]
         video_blocks = [item.block for item in plan.videos]
@@ -373,7 +387,9 @@ class VilaModel(nn.Module):
             timings=dict(timings),
         )
 
-    def _encode_media(self, batch: Any, frame_pixels: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    def _encode_media(
+        self, batch: Any, frame_pixels: list[torch.Tensor]
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         cfg = self.config
         image_blocks: list[torch.Tensor] = []
         if batch is not None:
@@ -385,11 +401,15 @@ class VilaModel(nn.Module):
         video_blocks = []
         for pixels in frame_pixels:
             pixels = pixels.to(self.device, self.dtype)
-            feats = torch.stack(encode_images(self.vision_tower, self.mm_projector, cfg.vision, pixels, None, VISION_CHUNK))
+            feats = torch.stack(
+                encode_images(self.vision_tower, self.mm_projector, cfg.vision, pixels, None, VISION_CHUNK)
+            )
             video_blocks.append(encode_video(feats, cfg.video_encoder, self.embed_text))
         return image_blocks, video_blocks
 
-    def _splice(self, input_ids: torch.Tensor, image_blocks: list[torch.Tensor], video_blocks: list[torch.Tensor]) -> torch.Tensor:
+    def _splice(
+        self, input_ids: torch.Tensor, image_blocks: list[torch.Tensor], video_blocks: list[torch.Tensor]
+    ) -> torch.Tensor:
         """Replace each media token by the next embedding block of its kind (spec §5.6)."""
         kind_of = {self.media_token_ids["image"]: "image", self.media_token_ids["video"]: "video"}
         queues = {"image": deque(image_blocks), "video": deque(video_blocks)}
@@ -398,7 +418,9 @@ class VilaModel(nn.Module):
         unknown = (input_ids >= rows) & ~is_media
         if unknown.any():
             token = self.tokenizer.convert_ids_to_tokens(int(input_ids[unknown][0]))
-            raise UsageError(f"the prompt contains {token!r}, a token this model has no embedding for; remove it from the text")
+            raise UsageError(
+                f"the prompt contains {token!r}, a token this model has no embedding for; remove it from the text"
+            )
         # Media ids may lie beyond the embedding table (added tokens); their rows are never used.
         safe_ids = input_ids.masked_fill(is_media, 0).to(self._embed_device)
         with torch.no_grad():
@@ -408,7 +430,9 @@ class VilaModel(nn.Module):
             pieces.append(text[start:pos])
             queue = queues[kind_of[int(input_ids[pos])]]
             if not queue:
-                raise UsageError("the prompt has more media tokens than media; do not type <image> or <vila/video> in text")
+                raise UsageError(
+                    "the prompt has more media tokens than media; do not type <image> or <vila/video> in text"
+                )
             pieces.append(queue.popleft().to(text.device, text.dtype))
             start = pos + 1
         pieces.append(text[start:])
@@ -485,7 +509,12 @@ class VilaModel(nn.Module):
         turns = to_turns(prompt)
         extra = {"cache": cache} if cache is not None and self.supports_feature_cache else {}
         prepared = self.prepare(
-            turns, template=template, num_video_frames=num_video_frames, fps=fps, video_max_tiles=video_max_tiles, **extra
+            turns,
+            template=template,
+            num_video_frames=num_video_frames,
+            fps=fps,
+            video_max_tiles=video_max_tiles,
+            **extra,
         )
         n = prepared.inputs_embeds.shape[0]
         self.check_fits(prepared)
@@ -661,13 +690,17 @@ def validate_generation_args(
 # -- loading -------------------------------------------------------------------------------------------
 
 
-def load_projector(cfg: VilaConfig, folder: Path | None, dtype: torch.dtype, device: torch.device) -> MultimodalProjector:
+def load_projector(
+    cfg: VilaConfig, folder: Path | None, dtype: torch.dtype, device: torch.device
+) -> MultimodalProjector:
     """Built on the meta device, weights assigned straight from safetensors (no random init)."""
     with torch.device("meta"):
         projector = MultimodalProjector(cfg.projector_type, cfg.vision.mm_hidden_size, cfg.llm_hidden_size)
     if folder is None:
         return projector
-    hint = f" (type {cfg.projector_type!r}, mm_hidden_size {cfg.vision.mm_hidden_size}, LLM hidden {cfg.llm_hidden_size})"
+    hint = (
+        f" (type {cfg.projector_type!r}, mm_hidden_size {cfg.vision.mm_hidden_size}, LLM hidden {cfg.llm_hidden_size})"
+    )
     return assign_weights(projector, folder, dtype=dtype, device=device, what="projector", hint=hint)
 
 
@@ -707,7 +740,9 @@ def load_llm(cfg: VilaConfig, dtype: torch.dtype, device_map: Any, extra: dict[s
             close_all(lazy[1])
     # Never let llm/generation_config.json (e.g. Qwen2.5-Instruct's sampling defaults) leak into decoding.
     g = llm.generation_config
-    llm.generation_config = GenerationConfig(bos_token_id=g.bos_token_id, eos_token_id=g.eos_token_id, pad_token_id=g.pad_token_id)
+    llm.generation_config = GenerationConfig(
+        bos_token_id=g.bos_token_id, eos_token_id=g.eos_token_id, pad_token_id=g.pad_token_id
+    )
     return llm.eval()
 
 

@@ -32,7 +32,9 @@ class SiglipTower(nn.Module):
         self.select_feature = select_feature
 
     @classmethod
-    def build(cls, cfg: VisionConfig, folder: Path | None, dtype: torch.dtype, device: torch.device | str) -> SiglipTower:
+    def build(
+        cls, cfg: VisionConfig, folder: Path | None, dtype: torch.dtype, device: torch.device | str
+    ) -> SiglipTower:
         from transformers import SiglipVisionConfig, SiglipVisionModel
 
         if folder is None:  # meta-device construction from the config alone (shape checks)
@@ -51,7 +53,12 @@ class SiglipTower(nn.Module):
                     hf_cfg.num_hidden_layers = cfg.num_layers_to_run
                     state = {k: v for k, v in lazy[0].items() if _layer_index(k) < cfg.num_layers_to_run}
                     model = SiglipVisionModel.from_pretrained(
-                        None, config=hf_cfg, state_dict=state, dtype=dtype, attn_implementation="sdpa", device_map={"": device}
+                        None,
+                        config=hf_cfg,
+                        state_dict=state,
+                        dtype=dtype,
+                        attn_implementation="sdpa",
+                        device_map={"": device},
                     )
                 else:
                     model = SiglipVisionModel.from_pretrained(
@@ -92,7 +99,9 @@ class InternTower(nn.Module):
         self.select_feature = select_feature
 
     @classmethod
-    def build(cls, cfg: VisionConfig, folder: Path | None, dtype: torch.dtype, device: torch.device | str) -> InternTower:
+    def build(
+        cls, cfg: VisionConfig, folder: Path | None, dtype: torch.dtype, device: torch.device | str
+    ) -> InternTower:
         from .intern_vit import InternVisionConfig, InternVisionModel, load_intern_vit
 
         if folder is None:
