@@ -638,7 +638,7 @@ def load_child(root: str, device: str, dtype: str) -> None:
     from transformers import MODEL_FOR_CAUSAL_LM_MAPPING, AutoConfig, SiglipVisionModel  # noqa: F401
 
     from vila.config import parse_config
-    from vila.load import load
+    from vila.loading import load
 
     # Import the model code first (transformers imports it lazily): code is not weights.
     MODEL_FOR_CAUSAL_LM_MAPPING[type(AutoConfig.from_pretrained(parse_config(Path(root)).llm_dir))]
@@ -1232,7 +1232,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             bench_preprocess(report, args, timer)
         needs_model = {"request", "video", "vision", "cache", "static"} & set(only)
         if needs_model:
-            from vila.load import load
+            from vila.loading import load
 
             model = load(root, device=device, dtype=dtype)
             ceil = Ceilings(model, device, dtype, timer)

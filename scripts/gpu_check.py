@@ -77,7 +77,7 @@ def prompt_of(tokenizer: Any, n: int) -> str:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     import vila
-    from vila.load import load
+    from vila.loading import load
 
     device = torch.device("cpu" if args.smoke else args.device)
     dtype = torch.float32 if args.smoke else torch.bfloat16

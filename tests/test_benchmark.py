@@ -98,7 +98,7 @@ def test_random_weight_checkpoint_is_complete(tmp_path):
             assert set(state) == set(benchmark.saved_tensors(module, tied)), folder
         finally:
             close_all(handles)
-    from vila.load import load
+    from vila.loading import load
 
     model = load(root, device="cpu", dtype="float32")
     assert model.config.vision.dynamic_s2 and model.llm.get_input_embeddings().num_embeddings == 151648

@@ -6,7 +6,7 @@ from . import errors
 from .media import Image, Video
 
 if TYPE_CHECKING:
-    from .load import load
+    from .loading import load
 
 __version__ = "0.1.0"
 __all__ = ["Image", "Video", "errors", "load", "__version__"]
@@ -15,9 +15,7 @@ __all__ = ["Image", "Video", "errors", "load", "__version__"]
 def __getattr__(name: str) -> Any:
     # `load` pulls in torch and transformers; importing it lazily keeps `vila-infer --help` instant.
     if name == "load":
-        from .load import load
+        from .loading import load
 
-        # Importing the submodule bound `vila.load` to the *module*; rebind the function so later calls work.
-        globals()["load"] = load
         return load
     raise AttributeError(f"module 'vila' has no attribute {name!r}")
