@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import INPUTS, golden_files, read_golden
+from conftest import INPUTS, assert_close_to_golden, golden_files, read_golden
 
 import vila
 
@@ -41,8 +41,7 @@ def test_golden(path, tiny_model):
     want = np.load(path.with_suffix(".npz"))["first_step_logits"]
     with torch.no_grad():
         logits = model.llm(inputs_embeds=prepared.inputs_embeds[None]).logits[0, -1].numpy()
-    diff = np.abs(logits[: len(want)] - want).max()
-    assert diff <= max(1e-6 * np.abs(want).max(), 1e-3), diff
+    assert_close_to_golden(logits[: len(want)], want)
 
     result = model.generate(parts, **gen)
     assert result.token_ids == golden["generated_ids"]

@@ -143,3 +143,82 @@ def test_frame_transform_keeps_pixels_exact(variant, mode):
     assert small.size == (cfg.processor.size, cfg.processor.size)
     assert torch.equal(preprocess_frames([small], cfg), preprocess_frames([frame], cfg))
     assert frame_transform(replace(cfg, image_aspect_ratio="dynamic", video_max_tiles=4)) is None
+
+
+# -- tiny images: the reference answers on them down to 1x1 ------------------------------------------------------
+
+TINY_SIZES = [(1, 1), (1, 5), (2, 2), (3, 3), (2, 3), (7, 3), (5, 2)]  # (width, height)
+
+
+def _random_image(width: int, height: int, seed: int = 0) -> PIL.Image.Image:
+    return PIL.Image.fromarray(np.random.RandomState(seed).randint(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+@pytest.mark.parametrize("variant", ["nvila-tiny", "nvila-lite-tiny", "vila15-tiny", "vila15-s2-tiny", "vilahd-tiny"])
+@pytest.mark.parametrize("size", TINY_SIZES + [(9, 1)])
+def test_tiny_single_image_in_every_mode(variant, size):
+    """A single image is tiled or resized with PIL first, so any size works, a 1-pixel strip included."""
+    cfg = parse_config(TINY / variant)
+    batch = preprocess_images([_random_image(*size)], cfg)
+    s = cfg.processor.size
+    assert batch.pixel_values.shape[1:] == (3, s, s)
+    if cfg.image_aspect_ratio == "dynamic_s2":  # 1 + 4 tiles, then the aspect-ratio grid of the last scale
+        rows, cols = batch.block_sizes[0]
+        assert batch.pixel_values.shape[0] == 5 + rows * cols and rows * cols >= 9
+    elif cfg.image_aspect_ratio == "dynamic":
+        cols, rows = closest_grid(*size, candidate_grids(cfg.min_tiles, cfg.max_tiles), s)
+        assert batch.pixel_values.shape[0] == cols * rows + (cols * rows > 1)
+    else:
+        assert batch.pixel_values.shape[0] == 1
+
+
+@pytest.mark.parametrize("variant", ["nvila-tiny", "nvila-lite-tiny", "vila15-tiny"])
+@pytest.mark.parametrize("size", [(2, 2), (5, 2), (1, 5)])
+def test_tiny_images_in_a_multi_image_prompt(variant, size):
+    """Several images of a dynamic-resolution model go through the processor's own resize, one tile each."""
+    cfg = parse_config(TINY / variant)
+    batch = preprocess_images([_random_image(*size), _random_image(*size, seed=1)], cfg)
+    assert batch.pixel_values.shape == (2, 3, cfg.processor.size, cfg.processor.size)
+    assert batch.tiles_per_image == (1, 1)
+
+
+def _processor_as_reference(image: PIL.Image.Image, size: int) -> torch.Tensor:
+    """transformers 4.x ``SiglipImageProcessor`` on an (H, W, 3) array of height 3: ``infer_channel_dimension_format``
+    says channels-first, ``to_pil_image`` moves that axis last, PIL bicubic resize, then rescale and normalise
+    (mean = std = 0.5) in the processor's own arithmetic, channels-first out."""
+    a = np.asarray(image)
+    as_read = np.ascontiguousarray(np.moveaxis(a, 0, -1))  # (C=H, H'=W, W'=3) -> (W, 3, H)
+    resized = np.asarray(PIL.Image.fromarray(as_read).resize((size, size), PIL.Image.BICUBIC))
+    x = (resized.astype(np.float64) * (1 / 255)).astype(np.float32)
+    x = (x - np.float32(0.5)) / np.float32(0.5)
+    return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))
+
+
+@pytest.mark.parametrize("variant", ["nvila-tiny", "nvila-lite-tiny"])
+def test_three_pixel_high_image_is_read_channels_first_like_the_reference(variant):
+    cfg = parse_config(TINY / variant)
+    odd, normal = _random_image(7, 3), _random_image(5, 4, seed=1)
+    batch = preprocess_images([odd, normal], cfg)
+    want = _processor_as_reference(odd, cfg.processor.size)
+    assert torch.equal(batch.pixel_values[0], want)
+    # and not what a plain resize would give
+    plain = preprocess_images([odd.resize((cfg.processor.size,) * 2, PIL.Image.BICUBIC), normal], cfg)
+    assert not torch.equal(plain.pixel_values[0], want)
+
+
+def test_one_pixel_high_image_fails_where_the_reference_fails():
+    from vila.errors import MediaError
+
+    cfg = parse_config(TINY / "nvila-tiny")  # dynamic_s2: two images -> the processor's own resize
+    with pytest.raises(MediaError, match=r"9x1 .*2 pixels high"):
+        preprocess_images([_random_image(9, 1), _random_image(4, 4)], cfg)
+    pad = cfg.with_overrides(image_aspect_ratio="pad")  # 1x1 stays 1x1 after padding to a square
+    with pytest.raises(MediaError, match="1x1"):
+        preprocess_images([_random_image(1, 1)], pad)
+    assert preprocess_images([_random_image(1, 2)], pad).pixel_values.shape[0] == 1  # padded to 2x2: fine
+
+
+def test_tiny_image_end_to_end(tiny_model):
+    model = tiny_model("nvila-lite-tiny")
+    result = model.generate([_random_image(1, 1), "What is this?"], max_new_tokens=2)
+    assert result.num_prompt_tokens > 121 and len(result.token_ids) >= 1

@@ -8,6 +8,7 @@ float32 normalisation.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -20,7 +21,9 @@ import PIL.Image
 import torch
 
 from .config import ProcessorConfig, VilaConfig
+from .errors import MediaError
 
+logger = logging.getLogger(__name__)
 Grid = tuple[int, int]  # (columns, rows), the order the reference's grid search works in
 T = TypeVar("T")
 R = TypeVar("R")
@@ -141,11 +144,33 @@ def pad_to_square(image: PIL.Image.Image, mean: tuple[float, float, float]) -> P
     return canvas
 
 
+def processor_resize(image: PIL.Image.Image, proc: ProcessorConfig) -> PIL.Image.Image:
+    """The processor's own resize to ``(s, s)`` (a no-op at that size), as the reference's processor sees the image.
+
+    transformers' image processors (4.x, which the reference pins) guess the channel axis from the array's shape
+    (``infer_channel_dimension_format``): an ``(H, W, 3)`` image whose height is 1 or 3 is taken for channels-first.
+    A 3-pixel-high image is therefore resized as the ``(W, 3)`` picture whose channels are its rows, and a
+    1-pixel-high one ends with one channel against three means, an error in the reference. Images the reference
+    tiles or resizes with PIL first never get here at another size, so only multi-image prompts of dynamic-resolution
+    models, ``pad`` mode and video frames can meet this.
+    """
+    if not proc.do_resize or image.size == (proc.size, proc.size):
+        return image
+    if proc.kind == "siglip" and image.height in (1, 3):
+        if image.height == 1:
+            raise MediaError(
+                f"an image {image.width}x1 pixels cannot be read by this model's image processor in this mode (the "
+                "reference fails on it too: it takes a 1-pixel height for the colour axis); use an image at least 2 "
+                "pixels high"
+            )
+        image = PIL.Image.fromarray(np.ascontiguousarray(np.asarray(image.convert("RGB")).transpose(1, 2, 0)))
+    resample = PIL.Image.BICUBIC if proc.kind == "intern" else proc.resample
+    return image.resize((proc.size, proc.size), resample=resample)
+
+
 def to_uint8(image: PIL.Image.Image, proc: ProcessorConfig) -> np.ndarray:
     """Processor resize (no-op at the target size) to an ``(s, s, 3)`` uint8 array."""
-    if proc.do_resize and image.size != (proc.size, proc.size):
-        image = image.resize((proc.size, proc.size), resample=proc.resample)
-    return np.asarray(image, dtype=np.uint8)
+    return np.asarray(processor_resize(image, proc), dtype=np.uint8)
 
 
 @lru_cache(maxsize=16)
@@ -227,11 +252,14 @@ def preprocess_images(images: list[PIL.Image.Image], cfg: VilaConfig) -> ImageBa
     # Tiles are cut at the processor's size, so its own resize is a no-op and they go straight to normalize.
     if len(images) == 1 and mode == "dynamic":
         tiles = dynamic_arrays(images[0], proc.size, cfg.min_tiles, cfg.max_tiles)
+        logger.debug("tiles: %d for the %dx%d image (dynamic, up to %d)", len(tiles), *images[0].size, cfg.max_tiles)
         return ImageBatch(normalize(tiles, proc), (len(tiles),), None, (len(tiles),))
     if len(images) == 1 and mode == "dynamic_s2":
         tiles, block = dynamic_s2_arrays(images[0], cfg.vision.scales, cfg.max_tiles)
+        logger.debug("tiles: %d for the %dx%d image (dynamic_s2, block %s)", len(tiles), *images[0].size, block)
         return ImageBatch(normalize(tiles, proc), (len(tiles),), (block,), (1,))
     tiles = [single_tile(img, mode, proc) for img in images]
+    logger.debug("tiles: 1 per image, %d image(s) (%s; only a prompt's single image is tiled)", len(images), mode)
     ones = (1,) * len(images)
     return ImageBatch(to_pixels(tiles, proc), ones, None, ones)
 
@@ -248,11 +276,7 @@ def frame_transform(cfg: VilaConfig) -> Callable[[PIL.Image.Image], PIL.Image.Im
     proc, mode = cfg.processor, cfg.image_aspect_ratio
 
     def to_tile(frame: PIL.Image.Image) -> PIL.Image.Image:
-        tile = single_tile(frame.convert("RGB"), mode, proc)
-        if tile.size != (proc.size, proc.size) and (proc.do_resize or proc.kind == "intern"):
-            resample = PIL.Image.BICUBIC if proc.kind == "intern" else proc.resample
-            tile = tile.resize((proc.size, proc.size), resample=resample)
-        return tile
+        return processor_resize(single_tile(frame.convert("RGB"), mode, proc), proc)
 
     return to_tile
 
@@ -272,4 +296,5 @@ def preprocess_frames(frames: list[PIL.Image.Image], cfg: VilaConfig) -> torch.T
         tiles = [t for f in frames for t in dynamic_s2_tiles(f, cfg.vision.scales, cfg.max_tiles)[0]]
     else:
         tiles = [single_tile(f, mode, proc) for f in frames]
+    logger.debug("tiles: %d for %d frame(s) (%s)", len(tiles), len(frames), mode)
     return to_pixels(tiles, proc)
