@@ -8,7 +8,7 @@ REPO_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 
 usage() {
     cat <<EOF
-Usage: ./$PROG [--venv [DIR]] [--dev] [--help]
+Usage: ./$PROG [--venv [DIR]] [--dev] [--latest] [--help]
 
 Installs the vila project in editable mode (pip install -e .), installing a
 suitable PyTorch first so that the project's "torch>=2.4" requirement is
@@ -29,7 +29,17 @@ What it installs:
   --dev           Also install the development/test extras:
                   pip install -e ".[dev]" (pytest, ruff) instead of
                   pip install -e .
+  --latest        Take the newest versions pyproject.toml allows instead of
+                  the ones in constraints.txt (see below).
   -h, --help      Show this help and exit.
+
+Which versions (everything but torch):
+  By default the versions the test suite passed with, from constraints.txt:
+  pip install -c constraints.txt -e ".[dev]". A new release of a dependency
+  (transformers, say) then cannot break a fresh install overnight.
+  --latest floats instead, within pyproject.toml's ranges; to move the pins,
+  install with --latest, run the tests, then write the file anew with
+  scripts/write_constraints.py (its header says how).
 
 How PyTorch is chosen (before the project is installed):
   1. VILA_TORCH_SPEC set    -> pip install \$VILA_TORCH_SPEC, whatever is
@@ -53,6 +63,7 @@ one-line smoke test (vila-infer --help).
 
 Examples:
   ./$PROG --venv --dev            # .venv with test tools, the usual dev setup
+  ./$PROG --venv /tmp/v --dev --latest   # the newest dependencies, to test an update
   ./$PROG --venv /tmp/vila-env    # a venv elsewhere, runtime deps only
   source myenv/bin/activate && ./$PROG   # into an already active env
 EOF
@@ -65,10 +76,12 @@ die() { printf '[environment_setup] ERROR: %s\n' "$*" >&2; exit 1; }
 USE_VENV=0
 VENV_DIR=""
 DEV=0
+LATEST=0
 while [[ $# -gt 0 ]]; do
     case "$1" in
         -h|--help) usage; exit 0 ;;
         --dev) DEV=1; shift ;;
+        --latest) LATEST=1; shift ;;
         --venv)
             USE_VENV=1; shift
             if [[ $# -gt 0 && "$1" != -* ]]; then VENV_DIR="$1"; shift; fi
@@ -202,8 +215,25 @@ else
     TARGET="."
 fi
 [[ -f "$REPO_DIR/pyproject.toml" ]] || die "no pyproject.toml in $REPO_DIR"
-log "Installing the project: pip install -e \"$TARGET\" (in $REPO_DIR)"
-(cd "$REPO_DIR" && "${PIP[@]}" install -e "$TARGET") || die "pip install -e \"$TARGET\" failed"
+CONSTRAINTS=""  # empty: the newest versions pyproject.toml allows
+if [[ $LATEST -eq 1 ]]; then
+    log "Versions: --latest -> the newest that pyproject.toml allows"
+elif [[ -f "$REPO_DIR/constraints.txt" ]]; then
+    CONSTRAINTS="constraints.txt"
+    log "Versions: the ones the tests passed with, from constraints.txt (--latest to take the newest)"
+else
+    log "WARNING: no constraints.txt in $REPO_DIR -> the newest versions that pyproject.toml allows"
+fi
+if [[ -n "$CONSTRAINTS" ]]; then
+    INSTALL_DESC="pip install -c $CONSTRAINTS -e \"$TARGET\""
+    log "Installing the project: $INSTALL_DESC (in $REPO_DIR)"
+    (cd "$REPO_DIR" && "${PIP[@]}" install -c "$CONSTRAINTS" -e "$TARGET") \
+        || die "$INSTALL_DESC failed; if a pinned version does not install on this machine, rerun with --latest"
+else
+    INSTALL_DESC="pip install -e \"$TARGET\""
+    log "Installing the project: $INSTALL_DESC (in $REPO_DIR)"
+    (cd "$REPO_DIR" && "${PIP[@]}" install -e "$TARGET") || die "$INSTALL_DESC failed"
+fi
 
 TORCH_AFTER="$(torch_version)"
 if [[ "$TORCH_AFTER" != "$TORCH_INSTALLED" ]]; then
@@ -215,7 +245,7 @@ fi
 BIN_DIR="$(dirname "$PY")"
 ELAPSED=$(( $(date +%s) - START_TS ))
 echo
-log "Done in ${ELAPSED}s: vila installed$([[ $DEV -eq 1 ]] && echo ' with the dev extras') into $ENV_DESC, torch $TORCH_AFTER."
+log "Done in ${ELAPSED}s: vila installed$([[ $DEV -eq 1 ]] && echo ' with the dev extras')$([[ -n "$CONSTRAINTS" ]] && echo ' (versions from constraints.txt)') into $ENV_DESC, torch $TORCH_AFTER."
 if [[ -x "$BIN_DIR/vila-infer" ]]; then
     if "$BIN_DIR/vila-infer" --help >/dev/null 2>&1; then
         log "Smoke test passed: vila-infer --help"

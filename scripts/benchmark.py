@@ -1006,7 +1006,8 @@ def report_stages(
     """Per-stage medians of ``timed_generate`` runs, and each stage against its lower bound at the moment of
     its run (median of the per-run ratios)."""
     stat = lambda key, unit="s": Stat.of([r[key] for r in runs], unit)  # noqa: E731
-    ratio = lambda f: round(statistics.median(f(r) for r in runs), 3)  # noqa: E731
+    # Three significant figures, not decimals: a tiny model's decode is ~1e-4 of the bandwidth bound.
+    ratio = lambda f: float(f"{statistics.median(f(r) for r in runs):.3g}")  # noqa: E731
     positions = runs[0]["positions"]
     report.add(sec, "llm_input_positions", positions)
     report.add(sec, "media_decode", stat("media_decode_s"), decode_note)

@@ -16,7 +16,7 @@ DEMO = INPUTS / "demo_img.png"
 
 
 def test_public_api_is_small():
-    assert set(vila.__all__) == {"Image", "Video", "errors", "load", "__version__"}
+    assert set(vila.__all__) == {"GenerationResult", "Image", "Video", "VilaModel", "errors", "load", "__version__"}
 
 
 def test_parts_keep_the_users_order(tiny_model):
@@ -93,6 +93,8 @@ def test_typed_errors(tmp_path, tiny_model):
         model.generate_content("x", max_new_tokens=-1)
     with pytest.raises(UsageError, match="unsupported prompt part"):
         model.generate_content(["x", 3])
+    with pytest.raises(UsageError, match="unsupported prompt part"):
+        model.chat().send("x", 3.5)
 
 
 def test_no_random_rows_in_the_lm_head(tiny_model):
@@ -100,3 +102,53 @@ def test_no_random_rows_in_the_lm_head(tiny_model):
     model = tiny_model("nvila-tiny")
     assert model.llm.get_output_embeddings().weight.shape[0] == model.config.llm_vocab_size
     assert model.num_generatable == len(model.tokenizer)
+
+
+def test_help_lists_the_public_api():
+    import pydoc
+
+    text = pydoc.render_doc(vila, renderer=pydoc.plaintext)
+    functions = text.split("FUNCTIONS", 1)[1].split("DATA", 1)[0]
+    assert "load(" in functions and "__getattr__" not in functions
+    for name in ("class Image", "class Video", "class VilaModel", "class GenerationResult"):
+        assert name in text
+    assert vila.VilaModel.__name__ == "VilaModel" and vila.GenerationResult.__name__ == "GenerationResult"
+
+
+def test_import_vila_stays_light():
+    import subprocess
+    import sys
+
+    code = "import sys, vila; print('torch' in sys.modules, 'transformers' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["False", "False"]
+
+
+def test_path_parts_are_media_and_str_parts_are_text(tmp_path, tiny_model):
+    import warnings
+    from pathlib import Path
+
+    model = tiny_model("nvila-tiny")
+    image = Path(INPUTS / "demo_img.png")
+    by_path = model.generate([image, "Describe."], max_new_tokens=3)
+    by_image = model.generate([vila.Image(str(image)), "Describe."], max_new_tokens=3)
+    assert by_path.token_ids == by_image.token_ids and by_path.media_tokens == by_image.media_tokens
+    assert by_path.media_tokens  # really an image, not text
+
+    video = Path(INPUTS / "video_160x120_64f_16fps.mp4")
+    result = model.generate([video, "What happens?"], max_new_tokens=2, num_video_frames=2)
+    assert result.video_durations and result.video_durations[0] > 0
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        as_text = model.generate([str(image), "Describe."], max_new_tokens=3)
+    assert as_text.media_tokens == []  # a str stays text...
+    messages = [str(w.message) for w in caught]
+    assert any("strings are text" in m and "vila.Image(" in m for m in messages), messages  # ...and says so
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model.generate(["a photo.png of nothing", "Describe."], max_new_tokens=1)
+    assert not [w for w in caught if "strings are text" in str(w.message)]
+
+    with pytest.raises(MediaError, match="not found"):
+        model.generate([tmp_path / "missing.png", "x"])

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -56,7 +57,7 @@ def test_batched_greedy_answers_equal_one_by_one(tiny_model, images, monkeypatch
     assert batched_calls == [4]  # all four went through the LLM together
     assert (summary.answered, summary.failed) == (4, 0)
     rows = {r["id"]: r for r in read_rows(images / "out.jsonl")}
-    from vila.cli import build_prompt
+    from vila.media import build_prompt
 
     for req in requests:
         media = [str(images / m) for m in req.get("media", [])]
@@ -162,3 +163,37 @@ def test_kill_9_then_resume_answers_every_id_exactly_once(tmp_path):
     assert sorted(r["id"] for r in rows) == ids  # each id once, no partial line left
     assert all("answer" in r for r in rows)
     assert f"{first_run} already in" in resumed.stderr
+
+
+def test_ctrl_c_keeps_the_rows_and_prints_the_resume_command(tmp_path):
+    ids = [f"q{i}" for i in range(6)]
+    src = write_jsonl(tmp_path / "req.jsonl", [{"id": i, "text": f"Question {i}, answer at length."} for i in ids])
+    out = tmp_path / "my answers.jsonl"  # a space: the printed command must quote it
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    cmd = [sys.executable, "-m", "vila.cli", "-m", str(TINY / "nvila-tiny"), "--device", "cpu", "--batch", str(src)]
+    cmd += ["--output", str(out), "--max-new-tokens", "8", "--batch-size", "1"]
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=env, preexec_fn=_foreground_sigint)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:
+        if out.exists() and out.read_text().count("\n") >= 1:
+            break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    kept = out.read_text().count("\n")
+    assert 1 <= kept < len(ids)
+    line = next(ln for ln in err.splitlines() if "--resume" in ln)
+    assert line.startswith("vila-infer: interrupted") and str(out) in line
+    resume = line.split("to continue, run: ", 1)[1]
+    assert shlex.split(resume) == [*cmd, "--resume"]
+    again = subprocess.run(shlex.split(resume), capture_output=True, text=True, env=env, timeout=600)
+    assert again.returncode == 0, again.stderr
+    rows = read_rows(out)
+    assert sorted(r["id"] for r in rows) == ids and all("answer" in r for r in rows)  # each id exactly once
+    assert f"{kept} already in" in again.stderr
+
+
+def _foreground_sigint() -> None:
+    """A shell may start background jobs (a CI runner's) with SIGINT ignored; Ctrl-C reaches foreground ones."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)

@@ -134,6 +134,15 @@ def test_chat_stream_adds_the_turn(tiny_model):
     assert chat.history == [] and chat.last_result is None
 
 
+def test_chat_stream_left_early_adds_nothing(tiny_model):
+    model = tiny_model("nvila-tiny")
+    chat = model.chat(max_new_tokens=50)
+    with chat.stream("Tell me everything.") as pieces:
+        assert next(pieces)
+    assert chat.history == [] and chat.last_result is None
+    assert chat.send("hi") == model.generate_content("hi", max_new_tokens=50)
+
+
 def test_chat_errors_leave_the_history_alone(tiny_model):
     model = tiny_model("nvila-tiny")
     chat = model.chat(max_new_tokens=4)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -13,7 +14,13 @@ from conftest import INPUTS, TINY
 
 import vila
 from vila.errors import UsageError
-from vila.structured import ResponseFormat, load_schema_file, parse_response_format, require_xgrammar
+from vila.structured import (
+    ResponseFormat,
+    closed_schema,
+    load_schema_file,
+    parse_response_format,
+    require_llguidance,
+)
 
 SCHEMA = {
     "type": "object",
@@ -65,14 +72,68 @@ def test_validator_rejects_wrong_values():
         validate({"name": "x"}, SCHEMA)
 
 
+def shortest_answer(model, schema) -> int:
+    """The token count of the shortest valid answer, as the too-small-budget error reports it."""
+    with pytest.raises(UsageError, match=r"max_new_tokens=1 is too small .* takes \d+ tokens") as info:
+        model.generate(
+            "x", max_new_tokens=1, response_format={"type": "json_schema", "json_schema": {"schema": schema}}
+        )
+    return int(re.search(r"takes (\d+) tokens", str(info.value)).group(1))
+
+
 @pytest.mark.parametrize("variant", ["nvila-tiny", "vila15-tiny"])
-@pytest.mark.parametrize("budget", [80, 150])  # the shortest valid answer is 79 tokens in the tiny vocabularies
+@pytest.mark.parametrize("budget", ["shortest", 150])
 def test_schema_answers_validate(tiny_model, variant, budget):
     model = tiny_model(variant)
+    if budget == "shortest":  # not one token to spare: the closing policy must take over at once
+        budget = shortest_answer(model, SCHEMA)
     fmt = {"type": "json_schema", "json_schema": {"schema": SCHEMA}}
     result = model.generate("Describe a cat as JSON.", max_new_tokens=budget, response_format=fmt)
     validate(json.loads(result.text), SCHEMA)
     assert len(result.token_ids) <= budget
+
+
+OPTIONAL = {
+    "type": "object",
+    "properties": {
+        "a": {"type": "integer"},
+        "b": {"type": "string"},
+        "c": {"type": "array", "items": {"type": "number"}},
+    },
+}
+
+
+@pytest.mark.parametrize("variant", ["nvila-tiny", "vila15-tiny", "nvila-lite-tiny"])
+def test_answers_hold_only_the_listed_keys(tiny_model, variant):
+    """Left free to add keys (JSON Schema's default), the random models invent some; a schema that lists its
+    properties gets only those, in the listed order, unless it allows more itself."""
+    model = tiny_model(variant)
+    fmt = {"type": "json_schema", "json_schema": {"schema": OPTIONAL}}
+    for budget in (20, 60):
+        value = json.loads(model.generate_content("JSON.", max_new_tokens=budget, response_format=fmt))
+        assert list(value) == [k for k in OPTIONAL["properties"] if k in value]
+        validate(value, OPTIONAL)
+
+
+def test_closed_schema_keeps_what_the_schema_says():
+    closed = closed_schema(SCHEMA)
+    assert closed["additionalProperties"] is False and closed["properties"]["size"]["additionalProperties"] is False
+    assert "additionalProperties" not in SCHEMA  # the caller's schema is not modified
+    free = {"type": "object", "properties": {"x": {}}, "additionalProperties": {"type": "integer"}}
+    assert closed_schema(free) == free
+    both = {"allOf": [{"properties": {"x": {}}}, {"properties": {"y": {}}}]}
+    assert closed_schema(both) == both  # closing each member would forbid the other's key
+    nested = {"$defs": {"P": {"properties": {"x": {}}}}, "anyOf": [{"$ref": "#/$defs/P"}, {"properties": {"y": {}}}]}
+    closed = closed_schema(nested)
+    assert closed["$defs"]["P"]["additionalProperties"] is False and closed["anyOf"][1]["additionalProperties"] is False
+
+
+def test_greedy_json_answers_are_deterministic(tiny_model):
+    model = tiny_model("vila15-tiny")
+    fmt = {"type": "json_schema", "json_schema": {"schema": SCHEMA}}
+    first = model.generate("Describe a cat as JSON.", max_new_tokens=80, response_format=fmt)
+    second = model.generate("Describe a cat as JSON.", max_new_tokens=80, response_format=fmt)
+    assert first.token_ids == second.token_ids
 
 
 @pytest.mark.parametrize("variant", ["nvila-tiny", "vila15-tiny", "nvila-lite-tiny"])
@@ -85,10 +146,14 @@ def test_json_object_answers_parse(tiny_model, variant, budget):
 
 def test_a_budget_too_small_for_the_schema_is_a_clear_error(tiny_model):
     model = tiny_model("nvila-tiny")
-    with pytest.raises(UsageError, match=r"max_new_tokens=40 is too small .* takes 79 tokens"):
-        model.generate(
-            "x", max_new_tokens=40, response_format={"type": "json_schema", "json_schema": {"schema": SCHEMA}}
-        )
+    fmt = {"type": "json_schema", "json_schema": {"schema": SCHEMA}}
+    with pytest.raises(UsageError, match=r"max_new_tokens=40 is too small .* takes (\d+) tokens") as info:
+        model.generate("x", max_new_tokens=40, response_format=fmt)
+    shortest = int(re.search(r"takes (\d+) tokens", str(info.value)).group(1))
+    assert shortest > 40
+    with pytest.raises(UsageError, match=f"max_new_tokens={shortest - 1} is too small"):
+        model.generate("x", max_new_tokens=shortest - 1, response_format=fmt)
+    validate(json.loads(model.generate_content("x", max_new_tokens=shortest, response_format=fmt)), SCHEMA)
 
 
 def test_random_model_is_closed_before_the_budget_ends(tiny_model):
@@ -129,9 +194,12 @@ def test_response_format_parsing(tmp_path):
         ({"type": "json_schema", "json_schema": {"schema": {"type": "foo"}}}, "foo"),
         ({"type": "json_schema", "json_schema": {"schema": "{not json"}}, "not valid JSON"),
         ({"type": "json_schema", "json_schema": {"schema": [1, 2]}}, "JSON object"),
+        ({"type": "json_schema", "json_schema": {"schema": False}}, "no answer satisfies"),
+        ({"type": "json_schema", "json_schema": {"schema": {"properties": {"a": {"not": {}}}}}}, 'usable.*"not"'),
     ]:
         with pytest.raises(UsageError, match=match):
             parse_response_format(bad)
+    assert parse_response_format({"type": "json_schema", "json_schema": {"schema": True}}).schema == "true"
     path = tmp_path / "s.json"
     path.write_text(json.dumps(SCHEMA))
     assert json.loads(load_schema_file(path).schema) == SCHEMA
@@ -143,10 +211,10 @@ def test_bad_response_format_fails_before_any_work(tiny_model):
         model.generate([vila.Image(INPUTS / "nope.png"), "hi"], response_format={"type": "yaml"})
 
 
-def test_missing_xgrammar_is_one_clear_line(monkeypatch):
-    monkeypatch.setitem(sys.modules, "xgrammar", None)
+def test_missing_llguidance_is_one_clear_line(monkeypatch):
+    monkeypatch.setitem(sys.modules, "llguidance", None)
     with pytest.raises(UsageError, match=r"pip install 'vila\[json\]'"):
-        require_xgrammar()
+        require_llguidance()
 
 
 def test_cli_json_schema_and_json_output(tmp_path):

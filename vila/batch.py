@@ -23,9 +23,11 @@ answers equal one-by-one answers (tests/test_batch.py checks it on the tiny chec
 
 from __future__ import annotations
 
+import glob
 import json
 import logging
 import os
+import re
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -122,15 +124,19 @@ def row_key(request_id: Any, line: Any) -> str:
     return f"id:{json.dumps(request_id)}" if request_id is not None else f"line:{line}"
 
 
-def parse_request(raw: str, line: int, base: Path) -> Request:
-    """One JSONL line -> a :class:`Request`, or a :class:`UsageError` saying what is wrong with it."""
+def parse_request(raw: str | dict[str, Any], line: int, base: Path) -> Request:
+    """One JSONL line (or a row already decoded, from Parquet or a Ray batch) -> a :class:`Request`, or a
+    :class:`UsageError` saying what is wrong with it."""
     from .model.vila import validate_generation_args
     from .structured import parse_response_format
 
-    try:
-        obj = json.loads(raw)
-    except json.JSONDecodeError as e:
-        raise UsageError(f"line {line} is not valid JSON ({e.msg} at column {e.colno})") from e
+    if isinstance(raw, dict):
+        obj: Any = raw
+    else:
+        try:
+            obj = json.loads(raw)
+        except json.JSONDecodeError as e:
+            raise UsageError(f"line {line} is not valid JSON ({e.msg} at column {e.colno})") from e
     if not isinstance(obj, dict):
         raise UsageError(f"line {line} must be a JSON object with id, text and media, got {type(obj).__name__}")
     unknown = sorted(set(obj) - KEYS)
@@ -145,8 +151,10 @@ def parse_request(raw: str, line: int, base: Path) -> Request:
     media = obj.get("media") or []
     if isinstance(media, str):
         media = [media]
-    if not isinstance(media, list) or not all(isinstance(m, str) and m for m in media):
-        raise UsageError(f"line {line}: 'media' must be a list of paths or URLs")
+    if isinstance(media, tuple):
+        media = list(media)
+    if not isinstance(media, list) or not all(isinstance(m, (str, bytes)) and m for m in media):
+        raise UsageError(f"line {line}: 'media' must be a list of paths, URLs or image bytes")
     if not media and not (text or "").strip():
         raise UsageError(f"line {line}: the request is empty; give 'text' and/or 'media'")
     settings = {k: obj[k] for k in SETTINGS if obj.get(k) is not None}
@@ -171,8 +179,8 @@ def parse_request(raw: str, line: int, base: Path) -> Request:
     return Request(line, rid, text, [_resolve(m, base) for m in media], settings)
 
 
-def _resolve(item: str, base: Path) -> str:
-    if "://" in item or os.path.isabs(item):
+def _resolve(item: str | bytes, base: Path) -> str | bytes:
+    if isinstance(item, bytes) or "://" in item or os.path.isabs(item):
         return item
     candidate = base / item
     return str(candidate) if candidate.exists() else item
@@ -185,6 +193,230 @@ def read_requests(path: Path) -> Iterator[tuple[int, str]]:
                 yield number, raw
 
 
+def is_parquet(path: str | os.PathLike) -> bool:
+    return os.fspath(path).lower().endswith((".parquet", ".pq"))
+
+
+def read_input(path: str | os.PathLike) -> list[tuple[int, str | dict[str, Any]]]:
+    """The rows of a requests file as ``(line, row)``: JSONL lines as text (parsed per row, so that one bad line
+    is one error row), Parquet rows as dicts numbered from 1."""
+    if not is_parquet(path):
+        return list(read_requests(Path(path)))
+    pq = _pyarrow_parquet()
+    try:
+        table = pq.read_table(path)
+    except Exception as e:  # noqa: BLE001 - pyarrow raises several types for unreadable files
+        raise UsageError(f"cannot read Parquet file {path}: {e}") from e
+    return list(enumerate(table.to_pylist(), start=1))
+
+
+def _pyarrow_parquet() -> Any:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise UsageError("Parquet files need pyarrow: pip install pyarrow (or 'vila[ray]')") from None
+    return pq
+
+
+def peek_id(row: str | dict[str, Any]) -> Any:
+    """The row's id when it has a usable one (a non-empty string or an integer), else None; no validation."""
+    if isinstance(row, dict):
+        obj: Any = row
+    else:
+        try:
+            obj = json.loads(row)
+        except json.JSONDecodeError:
+            return None
+    rid = obj.get("id") if isinstance(obj, dict) else None
+    return rid if isinstance(rid, (str, int)) and not isinstance(rid, bool) and rid != "" else None
+
+
+@dataclass
+class Plan:
+    """What a run has to do: the rows not yet answered (with the line of the first row holding the same id, for
+    duplicates), and how many rows were skipped because their answers are already there."""
+
+    total: int = 0
+    skipped: int = 0
+    pending: list[tuple[int, str | dict[str, Any], int | None]] = field(default_factory=list)
+
+
+def plan_rows(
+    rows: Sequence[tuple[int, str | dict[str, Any]]], done: set[str], shard: tuple[int, int] = (0, 1)
+) -> Plan:
+    """Rows to answer: this shard's (every ``shard[1]``-th row from ``shard[0]``), minus those in ``done``.
+
+    Duplicates are found over the whole input, so that every shard (and the Ray driver) flags the same rows as the
+    local run does: the first row with an id owns it, later ones become error rows."""
+    index, count = shard
+    plan = Plan(total=len(rows))
+    first: dict[str, int] = {}
+    for position, (line, row) in enumerate(rows):
+        rid = peek_id(row)
+        key = row_key(rid, line)
+        dup_of = first.setdefault(key, line) if rid is not None else line
+        if position % count != index:
+            continue
+        if key in done or f"line:{line}" in done:
+            plan.skipped += 1
+        else:
+            plan.pending.append((line, row, dup_of if dup_of != line else None))
+    return plan
+
+
+def duplicate_row(row: str | dict[str, Any], line: int, first: int) -> dict[str, Any]:
+    error = UsageError(f"line {line}: duplicate id {peek_id(row)!r} (first seen on line {first}); ids must be unique")
+    return _error_row(None, line, error)
+
+
+def answer_rows(
+    model: Any,
+    rows: Sequence[tuple[int, str | dict[str, Any]]],
+    cache: FeatureCache | None = None,
+    *,
+    base: str | os.PathLike = ".",
+    defaults: dict[str, Any] | None = None,
+) -> list[dict[str, Any]]:
+    """One output row (answer or error) per ``(line, row)``, in order: rows are validated, their media kinds
+    checked, and rows with equal settings answered together (see the module docstring). Never raises for a bad row.
+
+    The local ``--batch`` loop, the shards and the Ray predictor all answer through this function."""
+    defaults = {k: v for k, v in (defaults or {}).items() if v is not None}
+    cache = cache if cache is not None else FeatureCache()
+    out: dict[int, dict[str, Any]] = {}
+    requests: list[Request] = []
+    for number, raw in rows:
+        request_id = None
+        try:
+            request = parse_request(raw, number, Path(base))
+            request_id = request.id
+            request.settings = {**defaults, **request.settings}
+            request.prompt = request_prompt(request.text, request.media)  # media kinds, placeholders
+            requests.append(request)
+        except VilaError as e:
+            out[number] = _error_row(request_id, number, e)
+    for group in _groups(requests):
+        for request, row in zip(group, _answer_group(model, group, cache)):
+            out[request.line] = row
+    return [out[number] for number, _ in rows]
+
+
+def request_prompt(text: str | None, media: Sequence[str | bytes]) -> list[Any]:
+    """:func:`vila.media.build_prompt`, where media given as bytes (a Parquet or Ray binary column) are images."""
+    from .media import Image, build_prompt
+
+    if not any(isinstance(m, bytes) for m in media):
+        return build_prompt(text, media)  # type: ignore[arg-type]
+    items = [Image(m) for m in media if isinstance(m, bytes)]
+    paths = [m for m in media if isinstance(m, str)]
+    if paths:
+        raise UsageError("'media' mixes bytes and paths; give all items one way")
+    if text is None:
+        return items
+    holes = text.count("<image>") + text.count("<video>")
+    if not holes:
+        return [*items, *build_prompt(text, [])]
+    # The placeholder rules of build_prompt, applied to the decoded images.
+    if holes != len(items):
+        raise UsageError(f"'text' has {holes} media placeholder(s) but {len(items)} media item(s); make them match")
+    prompt: list[Any] = []
+    it = iter(items)
+    for piece in re.split(r"(<image>|<video>)", text):
+        if piece in ("<image>", "<video>"):
+            prompt.append(next(it))
+        elif piece:
+            prompt.append(piece)
+    return prompt
+
+
+class OutputFile:
+    """``--output``: a JSONL file appended row by row (flushed per row), or a Parquet file written at the end from
+    a JSONL journal beside it (``ANSWERS.parquet.rows.jsonl``), so that a killed run loses nothing and
+    ``--resume`` continues either. ``done`` holds the keys of the rows already there."""
+
+    def __init__(self, path: str | os.PathLike, resume: bool):
+        self.path = Path(path)
+        self.parquet = is_parquet(self.path)
+        self.journal = self.path.with_name(self.path.name + ".rows.jsonl") if self.parquet else self.path
+        existing = [p for p in {self.path, self.journal} if p.exists() and p.stat().st_size > 0]
+        if existing and not resume:
+            raise UsageError(f"{existing[0]} already exists; pass --resume to continue it, or choose a new --output")
+        self.done = answered_keys(self.journal) if resume else set()
+        if resume and self.parquet and self.path.exists():
+            self.done |= {row_key(r.get("id"), r.get("line")) for r in read_output(self.path)}
+        self.writer = RowWriter(self.journal)
+
+    def write(self, row: dict[str, Any]) -> None:
+        self.writer.write(row)
+
+    def close(self, finalize: bool = True) -> None:
+        self.writer.close()
+        if self.parquet and finalize:
+            rows = read_output(self.path) if self.path.exists() else []
+            rows += read_output(self.journal)
+            write_parquet(self.path, sorted(rows, key=lambda r: r.get("line") or 0))
+            self.journal.unlink()
+
+
+OUTPUT_COLUMNS = (
+    "id",
+    "answer",
+    "num_prompt_tokens",
+    "num_generated_tokens",
+    "media_tokens",
+    "error",
+    "error_type",
+    "exit_code",
+    "line",
+)
+
+
+def read_output(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """Rows of an answers file (JSONL or Parquet), without the null columns a Parquet row does not use."""
+    if is_parquet(path):
+        rows = _pyarrow_parquet().read_table(path).to_pylist()
+        return [{k: v for k, v in r.items() if v is not None or k == "id"} for r in rows]
+    rows = []
+    for raw in Path(path).read_text(encoding="utf-8").splitlines():
+        try:
+            rows.append(json.loads(raw))
+        except json.JSONDecodeError:
+            continue  # a partial last line of a killed run
+    return rows
+
+
+def write_parquet(path: str | os.PathLike, rows: Sequence[dict[str, Any]]) -> None:
+    """Answer rows -> one Parquet file (the columns of ``OUTPUT_COLUMNS``; ids stay integers or strings when all
+    are, else become strings), written to a temporary name and renamed, so a reader never sees half a file."""
+    pq = _pyarrow_parquet()
+    table = rows_to_table(rows)
+    tmp = Path(path).with_name(Path(path).name + ".tmp")
+    pq.write_table(table, tmp)
+    os.replace(tmp, path)
+
+
+def rows_to_table(rows: Sequence[dict[str, Any]], id_type: Any = None) -> Any:
+    import pyarrow as pa
+
+    types = {
+        "answer": pa.string(),
+        "num_prompt_tokens": pa.int64(),
+        "num_generated_tokens": pa.int64(),
+        "media_tokens": pa.list_(pa.int64()),
+        "error": pa.string(),
+        "error_type": pa.string(),
+        "exit_code": pa.int64(),
+        "line": pa.int64(),
+    }
+    ids = [r.get("id") for r in rows]
+    try:
+        id_array = pa.array(ids, type=id_type)
+    except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError):
+        id_array = pa.array([None if i is None else str(i) for i in ids], type=pa.string())
+    arrays = [id_array] + [pa.array([r.get(c) for r in rows], type=types[c]) for c in OUTPUT_COLUMNS[1:]]
+    return pa.Table.from_arrays(arrays, names=list(OUTPUT_COLUMNS))
+
+
 def run_batch(
     model: Any,
     requests_path: str | os.PathLike,
@@ -193,74 +425,45 @@ def run_batch(
     resume: bool = False,
     batch_size: int = 8,
     defaults: dict[str, Any] | None = None,
-    progress: bool = True,
+    progress: bool | None = None,
     cache: FeatureCache | None = None,
+    shard: tuple[int, int] = (0, 1),
 ) -> BatchSummary:
-    """Answer every request of ``requests_path`` into ``output_path`` (see the module docstring)."""
-    src, out = Path(requests_path), Path(output_path)
+    """Answer every request of ``requests_path`` into ``output_path`` (see the module docstring).
+
+    ``progress``: a bar on stderr; None shows it only on a terminal (in a log file a bar is one endless line of
+    carriage returns). ``shard=(i, k)``: only every k-th row from row i (see :func:`plan_rows`)."""
+    src = Path(requests_path)
     if not src.is_file():
         raise UsageError(f"batch file not found: {src}")
     if batch_size < 1:
         raise UsageError(f"--batch-size must be a positive integer, got {batch_size}")
-    if out.exists() and out.stat().st_size > 0 and not resume:
-        raise UsageError(f"{out} already exists; pass --resume to continue it, or choose a new --output file")
-    done = answered_keys(out) if resume else set()
-    defaults = {k: v for k, v in (defaults or {}).items() if v is not None}
+    output = OutputFile(output_path, resume)
     cache = cache if cache is not None else FeatureCache()
-    from .cli import build_prompt
 
     summary = BatchSummary()
     t0 = time.perf_counter()
-
-    lines = list(read_requests(src))
-    summary.total = len(lines)
-    seen: dict[str, int] = {}
-    pending: list[tuple[int, str]] = []
-    for number, raw in lines:
-        if row_key(_peek_id(raw), number) in done or f"line:{number}" in done:
-            summary.skipped += 1
-        else:
-            pending.append((number, raw))
-    writer = RowWriter(out)
-    bar = _progress(len(pending), progress)
+    finished = False
     try:
-        for start in range(0, len(pending), batch_size):
-            window = pending[start : start + batch_size]
-            requests: list[Request] = []
-            for number, raw in window:
-                request_id = None
-                try:
-                    request = parse_request(raw, number, src.parent)
-                    key = row_key(request.id, number)
-                    if key in seen or key in done:
-                        first = f"line {seen[key]}" if key in seen else "an earlier run"
-                        raise UsageError(
-                            f"line {number}: duplicate id {request.id!r} (first seen on {first}); ids must be unique"
-                        )
-                    seen[key] = number
-                    request_id = request.id
-                    request.settings = {**defaults, **request.settings}
-                    request.prompt = build_prompt(request.text, request.media)  # media kinds, placeholders
-                    requests.append(request)
-                except VilaError as e:
-                    _record(writer, summary, bar, _error_row(request_id, number, e))
-            for group in _groups(requests):
-                for row in _answer_group(model, group, cache):
-                    _record(writer, summary, bar, row)
+        plan = plan_rows(read_input(src), output.done, shard)
+        summary.total, summary.skipped = plan.total, plan.skipped
+        bar = _progress(len(plan.pending), sys.stderr.isatty() if progress is None else progress)
+        try:
+            for start in range(0, len(plan.pending), batch_size):
+                window = plan.pending[start : start + batch_size]
+                for line, row, first in window:
+                    if first is not None:
+                        _record(output, summary, bar, duplicate_row(row, line, first))
+                todo = [(line, row) for line, row, first in window if first is None]
+                for answer in answer_rows(model, todo, cache, base=src.parent, defaults=defaults):
+                    _record(output, summary, bar, answer)
+            finished = True
+        finally:
+            bar.close()
     finally:
-        bar.close()
-        writer.close()
+        output.close(finalize=finished)
     summary.seconds = time.perf_counter() - t0
     return summary
-
-
-def _peek_id(raw: str) -> Any:
-    try:
-        obj = json.loads(raw)
-    except json.JSONDecodeError:
-        return None
-    rid = obj.get("id") if isinstance(obj, dict) else None
-    return rid if isinstance(rid, (str, int)) and not isinstance(rid, bool) and rid != "" else None
 
 
 def _groups(requests: Sequence[Request]) -> list[list[Request]]:
@@ -270,7 +473,7 @@ def _groups(requests: Sequence[Request]) -> list[list[Request]]:
     return list(groups.values())
 
 
-def _record(writer: RowWriter, summary: BatchSummary, bar: Any, row: dict[str, Any]) -> None:
+def _record(writer: Any, summary: BatchSummary, bar: Any, row: dict[str, Any]) -> None:
     writer.write(row)
     if "error" in row:
         summary.failed += 1
@@ -286,6 +489,15 @@ def _error_row(request_id: Any, line: int, error: BaseException) -> dict[str, An
             "error": str(error),
             "error_type": type(error).__name__,
             "exit_code": error.exit_code,
+            "line": line,
+        }
+    if isinstance(error, torch.OutOfMemoryError):
+        return {
+            "id": request_id,
+            "error": f"out of memory answering this request alone ({str(error).splitlines()[0][:200]}); "
+            "lower its max_new_tokens, num_video_frames or image size, or use a larger GPU",
+            "error_type": "OutOfMemoryError",
+            "exit_code": 1,
             "line": line,
         }
     return {
@@ -306,7 +518,7 @@ def _answer_row(
     media_tokens: list[int],
     durations: list[float],
 ) -> dict[str, Any]:
-    from .cli import has_video_file
+    from .media import has_video_file
 
     if has_video_file(request.prompt):
         text = model.decode_time_tokens(text, durations)
@@ -339,8 +551,9 @@ def _answer_group(model: Any, group: list[Request], cache: FeatureCache) -> list
         live = [r for r in group if r.line not in rows]
         try:
             prepared = model.prepare_many(turns, cache=use_cache, return_errors=True, **media_kw)
-        except Exception:  # noqa: BLE001 - e.g. out of memory for the whole batch: one by one below
+        except Exception as e:  # noqa: BLE001 - e.g. out of memory for the whole batch: one by one below
             logger.debug("batched preparation failed; answering one by one", exc_info=True)
+            _release_memory(e)
             live, prepared = [], []
         for r, p in zip(live, prepared):
             if isinstance(p, Exception):
@@ -359,8 +572,9 @@ def _answer_group(model: Any, group: list[Request], cache: FeatureCache) -> list
                 rows[r.line] = _answer_row(
                     model, r, text, ids, p.inputs_embeds.shape[0], p.media_tokens, p.video_durations
                 )
-        except Exception:  # noqa: BLE001 - e.g. out of memory for the whole batch: answer one by one below
+        except Exception as e:  # noqa: BLE001 - e.g. out of memory for the whole batch: answer one by one below
             logger.debug("batched generation failed; answering one by one", exc_info=True)
+            _release_memory(e)
             rows = {line: row for line, row in rows.items() if "error" in row}
     for r in group:
         if r.line in rows:
@@ -377,8 +591,15 @@ def _answer_group(model: Any, group: list[Request], cache: FeatureCache) -> list
                 result.video_durations,
             )
         except Exception as e:  # noqa: BLE001 - one bad request must not stop the run
+            _release_memory(e)
             rows[r.line] = _error_row(r.id, r.line, e)
     return [rows[r.line] for r in group]
+
+
+def _release_memory(error: BaseException) -> None:
+    """After an out-of-memory error, hand the cached blocks back, so the rows retried one by one get them."""
+    if isinstance(error, torch.OutOfMemoryError) and torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def generate_kwargs(settings: dict[str, Any]) -> dict[str, Any]:
@@ -398,14 +619,27 @@ class _RowBudgets:
         return (input_ids.shape[1] >= self.budgets).to(input_ids.device)
 
 
-def generate_batch(model: Any, prepared: Sequence[Any], max_new_tokens: int | None) -> list[tuple[list[int], str]]:
+def generate_batch(
+    model: Any,
+    prepared: Sequence[Any],
+    max_new_tokens: int | None | Sequence[int | None],
+    *,
+    stopping_criteria: Sequence[Any] = (),
+) -> list[tuple[list[int], str]]:
     """Greedy answers to several prepared prompts in one left-padded ``llm.generate``; per prompt the token
-    ids (up to and including its stop token) and the text, exactly as :meth:`VilaModel.generate` returns them."""
+    ids (up to and including its stop token) and the text, exactly as :meth:`VilaModel.generate` returns them.
+
+    ``max_new_tokens`` is one budget for all prompts or one per prompt (None: up to the context); extra
+    ``stopping_criteria`` may end single rows (the server streams, cancels and applies stop strings with one)."""
     from transformers import StoppingCriteriaList
+
+    from .model.vila import cap_new_tokens
 
     lengths = [p.inputs_embeds.shape[0] for p in prepared]
     width = max(lengths)
-    budgets = [max_new_tokens or model.context_length - n for n in lengths]
+    if max_new_tokens is None or isinstance(max_new_tokens, int):
+        max_new_tokens = [max_new_tokens] * len(prepared)
+    budgets = [cap_new_tokens(m or None, model.context_length, n) for m, n in zip(max_new_tokens, lengths)]
     device = model._embed_device
     embeds = torch.zeros(
         len(prepared), width, prepared[0].inputs_embeds.shape[1], dtype=prepared[0].inputs_embeds.dtype, device=device
@@ -420,7 +654,7 @@ def generate_batch(model: Any, prepared: Sequence[Any], max_new_tokens: int | No
         temperature=1.0,
         top_p=1.0,
         top_k=50,
-        prompt_len=width,
+        prompt_len=min(lengths),  # rows are capped above; the shortest has the most room
         stop_token_ids=model.stop_token_ids,
     )
     with torch.no_grad():
@@ -429,7 +663,7 @@ def generate_batch(model: Any, prepared: Sequence[Any], max_new_tokens: int | No
             attention_mask=mask,
             generation_config=config,
             logits_processor=model._logits_processors(None),
-            stopping_criteria=StoppingCriteriaList([_RowBudgets(budgets)]),
+            stopping_criteria=StoppingCriteriaList([_RowBudgets(budgets), *stopping_criteria]),
         )
     stops = set(model.stop_token_ids)
     answers = []
@@ -447,3 +681,83 @@ def _progress(total: int, enabled: bool) -> Any:
     return tqdm(
         total=total, unit="req", desc="batch", file=sys.stderr, disable=not enabled or total == 0, dynamic_ncols=True
     )
+
+
+# -- static sharding without Ray (torchrun, SLURM): one part file per shard, merged in input order ----------
+
+
+def shard_from_env(
+    index: int | None, count: int | None, environ: Any = None
+) -> tuple[tuple[int, int], str] | tuple[None, None]:
+    """``(shard index, shard count)`` and where they came from: the flags, else ``RANK``/``WORLD_SIZE`` (torchrun,
+    accelerate), else ``SLURM_PROCID``/``SLURM_NTASKS`` (srun); ``(None, None)`` when the run is not sharded."""
+    environ = os.environ if environ is None else environ
+    if index is not None or count is not None:
+        if index is None or count is None:
+            raise UsageError("--shard-index and --num-shards go together; give both")
+        source = "--shard-index/--num-shards"
+    else:
+        for rank, world in (("RANK", "WORLD_SIZE"), ("SLURM_PROCID", "SLURM_NTASKS")):
+            if environ.get(rank) is not None and environ.get(world) is not None:
+                try:
+                    index, count = int(environ[rank]), int(environ[world])
+                except ValueError:
+                    raise UsageError(
+                        f"{rank}={environ[rank]!r} and {world}={environ[world]!r} must be integers"
+                    ) from None
+                source = f"{rank}/{world}"
+                break
+        if index is None or count == 1:
+            return None, None
+    assert count is not None
+    if count < 1 or not 0 <= index < count:
+        raise UsageError(f"shard index {index} is not in 0..{count - 1} (from {source})")
+    return (index, count), source
+
+
+def part_path(output: str | os.PathLike, index: int, count: int) -> Path:
+    """``answers.jsonl`` -> ``answers.jsonl.part-00001-of-00004`` (JSON lines, whatever the final format)."""
+    return Path(f"{os.fspath(output)}.part-{index:05d}-of-{count:05d}")
+
+
+def merge_parts(
+    requests_path: str | os.PathLike, output_path: str | os.PathLike, num_shards: int | None = None
+) -> BatchSummary:
+    """Write ``output_path`` (JSONL or Parquet) from its part files, one row per request in input order; raises a
+    :class:`UsageError` naming the missing rows and their shards when a part is missing or incomplete."""
+    out = Path(output_path)
+    found = sorted(out.parent.glob(glob.escape(out.name) + ".part-*-of-*"))
+    counts = {int(p.name.rsplit("-of-", 1)[1]) for p in found if p.name.rsplit("-of-", 1)[1].isdigit()}
+    if num_shards is None:
+        if len(counts) != 1:
+            raise UsageError(
+                f"found part files for {sorted(counts) or 'no'} shard count(s) next to {out}; pass --num-shards"
+            )
+        num_shards = counts.pop()
+    parts = [part_path(out, i, num_shards) for i in range(num_shards)]
+    absent = [p.name for p in parts if not p.exists()]
+    if absent:
+        raise UsageError(f"missing part file(s) {', '.join(absent)}; run those shards (with --resume), then --merge")
+    by_line: dict[int, dict[str, Any]] = {}
+    for p in parts:
+        for row in read_output(p):
+            if isinstance(row.get("line"), int):
+                by_line.setdefault(row["line"], row)
+    rows = read_input(requests_path)
+    missing = [(pos, line, peek_id(row)) for pos, (line, row) in enumerate(rows) if line not in by_line]
+    if missing:
+        shown = ", ".join(f"line {line} (id {rid!r}, shard {pos % num_shards})" for pos, line, rid in missing[:10])
+        more = f" and {len(missing) - 10} more" if len(missing) > 10 else ""
+        raise UsageError(
+            f"{len(missing)} request(s) have no row in the part files: {shown}{more}; rerun their shards with "
+            "--resume, then --merge again"
+        )
+    merged = [by_line[line] for line, _ in rows]
+    if is_parquet(out):
+        write_parquet(out, merged)
+    else:
+        tmp = out.with_name(out.name + ".tmp")
+        tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in merged), encoding="utf-8")
+        os.replace(tmp, out)
+    failed = sum("error" in r for r in merged)
+    return BatchSummary(total=len(rows), answered=len(merged) - failed, failed=failed)

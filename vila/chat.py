@@ -15,15 +15,13 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Iterator
 from typing import Any, TextIO
-
-import PIL.Image
 
 from .cache import FeatureCache
 from .errors import UsageError, VilaError
-from .media import Image, Video, is_url
+from .media import Image, Video, is_url, prompt_part
 from .model.vila import GenerationResult, Turn
+from .streaming import Progress, TextStream, TokenClock
 
 CHAT_HELP = """commands:
   /image PATH   attach an image (file or URL) to your next message
@@ -71,15 +69,15 @@ class ChatSession:
         result = self.model.generate(self._conversation(user), cache=self.cache, **{**self.generation, **overrides})
         return self._commit(user, result)
 
-    def stream(self, *parts: Any, **overrides: Any) -> Iterator[str]:
-        """Like :meth:`send`, yielding the answer in pieces; the turn joins the history once complete.
-        Time tokens are not rewritten while streaming (use :meth:`send` for such video answers)."""
+    def stream(self, *parts: Any, **overrides: Any) -> ChatStream:
+        """Like :meth:`send`, an iterator over pieces of the answer; the turn joins the history once the answer
+        is complete. Leaving the loop early (or ``close()``) stops the generation and adds nothing. Time tokens
+        are not rewritten while streaming (use :meth:`send` for such video answers)."""
         user = _user_turn(parts)
         pieces = self.model.stream_content(
             self._conversation(user), cache=self.cache, **{**self.generation, **overrides}
         )
-        yield from pieces
-        self._commit(user, pieces.result)
+        return ChatStream(self, user, pieces)
 
     def _conversation(self, user: Turn) -> list[dict[str, Any]]:
         return [*self.history, {"role": user.role, "content": user.content}]
@@ -92,14 +90,50 @@ class ChatSession:
         return result.text
 
 
+class ChatStream:
+    """The pieces of one streamed chat answer (a :class:`vila.streaming.TextStream` that adds the turn to the
+    session when it ends). It holds no reference back from the stream, so dropping it stops the generation."""
+
+    def __init__(self, session: ChatSession, user: Turn, pieces: TextStream):
+        self._session: ChatSession | None = session
+        self._user = user
+        self._pieces = pieces
+
+    def __iter__(self) -> ChatStream:
+        return self
+
+    def __next__(self) -> str:
+        try:
+            return next(self._pieces)
+        except StopIteration:
+            if self._session is not None:
+                self._session._commit(self._user, self._pieces.result)
+                self._session = None
+            raise
+
+    def __enter__(self) -> ChatStream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def result(self) -> GenerationResult | None:
+        return self._pieces.result
+
+    @property
+    def num_tokens(self) -> int:
+        return self._pieces.num_tokens
+
+    def close(self) -> None:
+        """Stop generating (within one token); an unfinished answer is not added to the conversation."""
+        self._pieces.close()
+
+
 def _user_turn(parts: tuple[Any, ...]) -> Turn:
     if len(parts) == 1 and isinstance(parts[0], (list, tuple)):
         parts = tuple(parts[0])
-    for part in parts:
-        if not isinstance(part, (str, Image, Video, PIL.Image.Image)):
-            raise UsageError(
-                f"unsupported message part {type(part).__name__}; use str, vila.Image, vila.Video or a PIL image"
-            )
+    parts = tuple(prompt_part(part) for part in parts)
     if not parts or all(isinstance(p, str) and not p.strip() for p in parts):
         raise UsageError("the message is empty; type some text or attach media")
     return Turn("user", list(parts))
@@ -159,12 +193,15 @@ def run_chat(
         pending = []
         try:
             if stream:
-                for piece in session.stream(*parts):
-                    stdout.write(piece)
-                    stdout.flush()
+                with session.stream(*parts) as pieces, Progress(lambda: pieces.num_tokens, stderr) as progress:
+                    for piece in pieces:
+                        progress.write(stdout, piece)
                 stdout.write("\n")
             else:
-                stdout.write(session.send(*parts) + "\n")
+                counter = TokenClock()
+                with Progress(lambda c=counter: c.steps, stderr):
+                    answer = session.send(*parts, streamer=counter)
+                stdout.write(answer + "\n")
             stdout.flush()
         except VilaError as e:
             print(f"error: {e}", file=stderr)

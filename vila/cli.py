@@ -10,13 +10,14 @@ import argparse
 import contextlib
 import logging
 import os
-import re
+import shutil
 import sys
 from collections.abc import Sequence
 from typing import Any
 
 from . import __version__
-from .errors import MediaError, UsageError, VilaError
+from .errors import UsageError, VilaError
+from .media import build_prompt, has_video_file
 
 EXIT_CODES = """exit codes:
   0  success
@@ -41,15 +42,25 @@ EXAMPLES = """examples:
   vila-infer -m Efficient-Large-Model/NVILA-8B --media a.jpg --text "Describe" --output-format json --stats --no-stream
 """
 
-IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
-VIDEO_EXTENSIONS = {".mp4", ".mkv", ".webm", ".avi", ".mov", ".m4v", ".mpg", ".mpeg", ".wmv", ".flv", ".3gp", ".ts"}
-
 
 class OneLineErrorParser(argparse.ArgumentParser):
     """argparse whose errors are one line (the usage block is in --help), like every other vila-infer error."""
 
     def error(self, message: str) -> Any:
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+class StoreOnce(argparse.Action):
+    """argparse's ``store``, except that a flag given twice with different values is an error: keeping the last
+    one silently would drop what the user typed first (``--text`` twice, ``-nf 8 ... --num-video-frames 16``)."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any, option: Any = None):
+        given = namespace.__dict__.setdefault("_given_flags", {})
+        if self.dest in given and given[self.dest][1] != values:
+            before, first = given[self.dest]
+            parser.error(f"{option} given twice ({before} {first!r}, then {option} {values!r}); give it once")
+        given[self.dest] = (option, values)
+        setattr(namespace, self.dest, values)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -59,6 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EXAMPLES + "\n" + EXIT_CODES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    p.register("action", None, StoreOnce)  # every single-value flag, in every group
+    p.register("action", "store", StoreOnce)
     p.add_argument(
         "--model-path",
         "-m",
@@ -79,9 +92,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--media",
         nargs="+",
+        action="extend",  # --media a.png --media b.png: both, in order
         default=[],
         metavar="PATH_OR_URL",
-        help="images, videos (files, URLs) or directories of video frames, in prompt order",
+        help="images, videos (files, URLs) or directories of video frames, in prompt order "
+        "(repeat --media or list several)",
     )
     p.add_argument(
         "--num-video-frames",
@@ -231,6 +246,45 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="--batch: requests encoded and generated together (default: 8)",
     )
+    scale = p.add_argument_group("many GPUs and nodes (--batch with Ray Data, or one shard per process)")
+    scale.add_argument(
+        "--ray",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="ADDRESS",
+        help="--batch: answer on a Ray cluster (auto, host:6379 or ray://host:10001; bare --ray: RAY_ADDRESS or a "
+        "local cluster); needs vila[ray]",
+    )
+    scale.add_argument(
+        "--replicas", type=int, default=1, metavar="N", help="--ray: model copies (actors) answering in parallel"
+    )
+    scale.add_argument(
+        "--gpus-per-replica",
+        type=float,
+        default=None,
+        metavar="G",
+        help="--ray: GPUs per replica (default: 1 when the cluster has GPUs, else 0)",
+    )
+    scale.add_argument(
+        "--shard-index",
+        type=int,
+        default=None,
+        metavar="I",
+        help="--batch: answer rows I, I+K, ... into OUTPUT.part-0000I-of-0000K (default: RANK or SLURM_PROCID)",
+    )
+    scale.add_argument(
+        "--num-shards",
+        type=int,
+        default=None,
+        metavar="K",
+        help="--batch: the number of shards K (default: WORLD_SIZE or SLURM_NTASKS)",
+    )
+    scale.add_argument(
+        "--merge",
+        action="store_true",
+        help="--batch: write --output from its part files, in input order (no model is loaded)",
+    )
     use.add_argument(
         "--json-mode", action="store_true", help="constrain the answer to a JSON object (needs vila[json])"
     )
@@ -251,83 +305,155 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="print to stderr: load, media decode and vision encode time, time to first token, decode tokens/s, peak RSS and CUDA memory, visual tokens per media item",
     )
-    p.add_argument("--debug", action="store_true", help="show full tracebacks and debug logs")
+    # -- the OpenAI-compatible HTTP server (vila.serve)
+    srv = p.add_argument_group(
+        "HTTP server (--serve; needs vila[serve])",
+        "an OpenAI-compatible API: POST /v1/chat/completions, GET /v1/models, GET /health",
+    )
+    srv.add_argument(
+        "--serve",
+        action="store_true",
+        help="load the model once and answer OpenAI chat-completions requests over HTTP (see the README's Serve)",
+    )
+    srv.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
+    srv.add_argument("--port", type=int, default=8000, help="port to listen on (default: 8000)")
+    srv.add_argument(
+        "--api-key",
+        default=None,
+        help="require 'Authorization: Bearer KEY' on every request (default: $VILA_API_KEY; unset: no key)",
+    )
+    srv.add_argument(
+        "--served-model-name",
+        default=None,
+        metavar="NAME",
+        help="the model id clients send and /v1/models lists (default: the last part of --model-path)",
+    )
+    srv.add_argument(
+        "--max-queue",
+        type=int,
+        default=64,
+        metavar="N",
+        help="requests that may wait; beyond that the server answers 503 with Retry-After (default: 64)",
+    )
+    srv.add_argument(
+        "--max-batch-size",
+        type=int,
+        default=8,
+        metavar="N",
+        help="greedy requests with equal settings decoded together (default: 8; 1 = one at a time)",
+    )
+    srv.add_argument(
+        "--allow-private-urls",
+        action="store_true",
+        help="also fetch image/video URLs on loopback, link-local and private addresses (refused by default)",
+    )
+    srv.add_argument(
+        "--media-root",
+        default=None,
+        metavar="DIR",
+        help="let requests name local files under DIR as image/video URLs (default: no local files)",
+    )
+    srv.add_argument(
+        "--max-tokens-limit",
+        type=int,
+        default=None,
+        metavar="N",
+        help="most completion tokens per request, and the default max_tokens (default: the model's context)",
+    )
+    srv.add_argument("--max-body-mb", type=float, default=64, metavar="MB", help="largest request body (default: 64)")
+    srv.add_argument(
+        "--max-media-mb",
+        type=float,
+        default=32,
+        metavar="MB",
+        help="largest image or video, decoded or downloaded (default: 32)",
+    )
+    srv.add_argument(
+        "--max-image-pixels",
+        type=int,
+        default=40_000_000,
+        metavar="N",
+        help="largest image, width x height (default: 40000000)",
+    )
+    srv.add_argument(
+        "--max-video-frames",
+        type=int,
+        default=256,
+        metavar="N",
+        help="most frames a request may sample from one video (default: 256)",
+    )
+    srv.add_argument(
+        "--url-timeout",
+        type=float,
+        default=10.0,
+        metavar="S",
+        help="seconds allowed to download one media URL (default: 10)",
+    )
+    p.add_argument(
+        "--debug",
+        action="store_true",
+        help="full tracebacks, and the decisions behind an answer on stderr: template and why, device, dtype, "
+        "tiles per image, frames decoded per video, visual tokens per media item",
+    )
     p.add_argument("--version", action="version", version=f"vila {__version__}")
     return p
 
 
-def media_kind(item: str) -> str:
-    """ "image" or "video", by extension (case-insensitive), then by content."""
-    from .media import is_url
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is at the time of the message (tests and callers may swap it)."""
 
-    path = item.split("?")[0] if is_url(item) else item
-    ext = os.path.splitext(path)[1].lower()
-    if not is_url(item):
-        if "://" in item:
-            raise MediaError(f"unsupported URL scheme in {item!r}; use http(s):// or a local path")
-        if not os.path.exists(item):
-            raise MediaError(f"media not found: {item}; check the path")
-    if os.path.isdir(item):
-        return "video"  # a directory of frames
-    if os.path.isfile(item) and ext not in VIDEO_EXTENSIONS:
-        return sniff_kind(item, ext)
-    return "video" if ext in VIDEO_EXTENSIONS else "image"
+    @property
+    def stream(self) -> Any:
+        return sys.stderr
 
-
-def sniff_kind(path: str, ext: str) -> str:
-    """Content detection for files whose extension is missing or lies (a .png that is really an mp4)."""
-    import PIL.Image
-
-    try:
-        with PIL.Image.open(path):
-            return "image"
-    except Exception:  # noqa: BLE001 - anything PIL cannot identify is examined further
+    @stream.setter
+    def stream(self, value: Any) -> None:
         pass
-    with open(path, "rb") as f:
-        head = f.read(16)
-    is_video = head[4:8] == b"ftyp" or head[:4] == b"\x1aE\xdf\xa3" or (head[:4] == b"RIFF" and head[8:12] == b"AVI ")
-    if is_video or ext not in IMAGE_EXTENSIONS:
-        return "video"
-    return "image"  # a corrupt image: loading it gives the precise error
 
 
-def build_prompt(text: str | None, media: Sequence[str]) -> list[Any]:
-    """Media first, then the text (the reference's order), unless the text places them with placeholders."""
-    from .media import Image, Video
+class _OneLineFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        return f"vila-infer: {record.levelname.lower()}: {record.getMessage()}"
 
-    items = [Image(m) if media_kind(m) == "image" else Video(m) for m in media]
-    if text is None:
-        return items
-    pieces = re.split(r"(<image>|<video>)", text)
-    holes = [p for p in pieces if p in ("<image>", "<video>")]
-    if not holes:
-        return [*items, text]
-    if len(holes) != len(items):
-        raise UsageError(
-            f"--text has {len(holes)} media placeholder(s) but {len(items)} --media item(s) were given; make them match"
-        )
-    prompt: list[Any] = []
-    it = iter(items)
-    for piece in pieces:
-        if piece in ("<image>", "<video>"):
-            prompt.append(next(it))
-        elif piece:
-            prompt.append(piece)
-    return prompt
+
+@contextlib.contextmanager
+def cli_logging(debug: bool) -> Any:
+    """Only our own messages on stderr: the ``vila`` loggers (with ``--debug``, every decision behind an answer:
+    template, device, dtype, tiles, frames, visual tokens) and Python warnings as one line each. Other libraries'
+    debug output (PIL prints every PNG chunk) would bury those lines, so the root logger is left alone."""
+    import warnings
+
+    log = logging.getLogger("vila")
+    saved = (log.level, log.propagate, warnings.showwarning)
+    handler = _StderrHandler()
+    handler.setFormatter(logging.Formatter("%(name)s: %(message)s") if debug else _OneLineFormatter())
+    log.addHandler(handler)
+    log.setLevel(logging.DEBUG if debug else logging.WARNING)
+    log.propagate = False
+    if not debug:
+        warnings.showwarning = lambda message, *_args, **_kw: print(f"vila-infer: warning: {message}", file=sys.stderr)
+    try:
+        yield
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(saved[0])
+        log.propagate = saved[1]
+        warnings.showwarning = saved[2]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.debug else logging.WARNING,
-        stream=sys.stderr,
-        format="%(levelname)s %(name)s: %(message)s",
-    )
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # for the --resume command after Ctrl-C
     if not args.debug:
         import warnings
 
         warnings.filterwarnings("ignore", category=UserWarning, module="transformers")
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # library warnings are not the user's business
+    with cli_logging(args.debug):
+        return _main(args)
+
+
+def _main(args: argparse.Namespace) -> int:
     try:
         return run(args)
     except KeyboardInterrupt:
@@ -423,7 +549,8 @@ def run(args: argparse.Namespace) -> int:
     if args.video_max_tiles is not None and args.video_max_tiles < 1:
         raise UsageError(f"--video-max-tiles must be a positive integer, got {args.video_max_tiles}")
     response_format = check_use_flags(args)
-    if not args.media and not (args.text or "").strip() and not (args.chat or args.batch):
+    serving = check_serve_flags(args) if args.serve else None
+    if not args.media and not (args.text or "").strip() and not (args.chat or args.batch or args.serve):
         raise UsageError("nothing to answer: give --text and/or --media (or --chat, --batch)")
     prompt = build_prompt(args.text, args.media)  # checks media kinds before the (slow) model load
     check_media(prompt, quiet=not args.debug)
@@ -431,6 +558,15 @@ def run(args: argparse.Namespace) -> int:
 
     validate_generation_args(args.max_new_tokens, args.temperature, args.top_p, None, args.num_video_frames, args.fps)
     hd_settings, hd_from_flags = ps3_settings(args)
+    if args.merge:
+        return run_merge(args)
+    if args.ray is not None:  # the actors load the model; the driver only reads and writes rows
+        return run_batch_mode(None, args, flag_settings(args, response_format), 0.0)
+    if args.batch and args.device in (None, "auto") and os.environ.get("LOCAL_RANK", "").isdigit():
+        import torch
+
+        if torch.cuda.device_count() > 1:  # torchrun starts one process per GPU without hiding the others
+            args.device = f"cuda:{int(os.environ['LOCAL_RANK']) % torch.cuda.device_count()}"
 
     import time
 
@@ -452,9 +588,21 @@ def run(args: argparse.Namespace) -> int:
     load_s = time.perf_counter() - t_load
     hd_kwargs = apply_ps3_settings(model, hd_settings, hd_from_flags)
     sampling = args.temperature is not None and args.temperature > 0
-    gen = dict(
+    gen = dict(flag_settings(args, response_format), do_sample=sampling, **hd_kwargs)
+    if serving is not None:
+        return run_serve(model, serving)
+    if args.batch:
+        return run_batch_mode(model, args, gen, load_s)
+    if args.chat:
+        return run_chat_mode(model, args, prompt, gen)
+    return answer_once(model, args, prompt, gen, load_s)
+
+
+def flag_settings(args: argparse.Namespace, response_format: Any) -> dict[str, Any]:
+    """The generation settings given by flags (the defaults of --batch rows)."""
+    sampling = args.temperature is not None and args.temperature > 0
+    return dict(
         max_new_tokens=args.max_new_tokens,
-        do_sample=sampling,
         temperature=args.temperature if sampling else None,
         top_p=args.top_p,
         seed=args.seed,
@@ -462,13 +610,7 @@ def run(args: argparse.Namespace) -> int:
         fps=args.fps,
         video_max_tiles=args.video_max_tiles,
         response_format=response_format,
-        **hd_kwargs,
     )
-    if args.batch:
-        return run_batch_mode(model, args, gen, load_s)
-    if args.chat:
-        return run_chat_mode(model, args, prompt, gen)
-    return answer_once(model, args, prompt, gen, load_s)
 
 
 # -- streaming, chat, batch, JSON output, --stats ----------------------------------------------------------
@@ -493,22 +635,35 @@ def check_use_flags(args: argparse.Namespace) -> Any:
             raise UsageError("--output must not be the --batch requests file")
         if os.path.isdir(args.output):
             raise UsageError(f"--output {args.output} is a directory; pass a file name")
-        if os.path.exists(args.output) and os.path.getsize(args.output) > 0 and not args.resume:
+        sharded = args.shard_index is not None or args.num_shards is not None
+        if (
+            os.path.exists(args.output)
+            and os.path.getsize(args.output) > 0
+            and not (args.resume or sharded or args.merge)
+        ):
             raise UsageError(
                 f"--output {args.output} already exists; pass --resume to continue it, or choose a new file"
             )
+        if args.ray is not None and (sharded or args.merge):
+            raise UsageError("--ray spreads the rows itself; remove --shard-index, --num-shards and --merge")
+        if args.replicas < 1:
+            raise UsageError(f"--replicas must be a positive integer, got {args.replicas}")
+        if args.gpus_per_replica is not None and args.gpus_per_replica < 0:
+            raise UsageError(f"--gpus-per-replica must be 0 or more, got {args.gpus_per_replica}")
     elif args.output or args.resume:
         raise UsageError("--output and --resume only apply to --batch")
+    elif args.ray is not None or args.merge or args.shard_index is not None or args.num_shards is not None:
+        raise UsageError("--ray, --merge, --shard-index and --num-shards only apply to --batch")
     if args.output_format == "json" and (args.chat or args.batch):
         raise UsageError(
             "--output-format json is for single answers; --batch always writes JSON lines, --chat prints text"
         )
-    from .structured import load_schema_file, require_xgrammar
+    from .structured import load_schema_file, require_llguidance
 
     if args.json_schema:
         return load_schema_file(args.json_schema)
     if args.json_mode:
-        require_xgrammar()
+        require_llguidance()
         return {"type": "json_object"}
     return None
 
@@ -549,29 +704,26 @@ def native_stderr_silenced(enabled: bool = True) -> Any:
         os.close(saved)
 
 
-def has_video_file(prompt: Sequence[Any]) -> bool:
-    """Whether a prompt holds a video file (time tokens in its answer become seconds, as in the reference CLI)."""
-    from .media import Video
-
-    return any(
-        isinstance(part, Video) and isinstance(part.source, (str, os.PathLike)) and not os.path.isdir(part.source)
-        for part in prompt
-    )
-
-
 def answer_once(model: Any, args: argparse.Namespace, prompt: list[Any], gen: dict[str, Any], load_s: float) -> int:
     """One answer: streamed to a terminal, else printed whole (text or --output-format json)."""
+    from .streaming import Progress, TokenClock
+
     rewrite = has_video_file(prompt) and model.config.num_time_tokens is not None
     if not args.no_stream and args.output_format == "text" and not rewrite and sys.stdout.isatty():
-        pieces = model.stream_content(prompt, **gen)
-        for piece in pieces:
-            sys.stdout.write(piece)
-            sys.stdout.flush()
-        sys.stdout.write("\n")
-        sys.stdout.flush()
+        # Closing the stream (also on Ctrl-C) stops the generation within a token.
+        with model.stream_content(prompt, **gen) as pieces:
+            try:
+                with Progress(lambda: pieces.num_tokens) as progress:
+                    for piece in pieces:
+                        progress.write(sys.stdout, piece)
+            finally:
+                sys.stdout.write("\n")  # a message after Ctrl-C goes on its own line
+                sys.stdout.flush()
         result, text = pieces.result, pieces.result.text
     else:
-        result = model.generate(prompt, **gen)
+        counter = TokenClock()
+        with Progress(lambda: counter.steps):
+            result = model.generate(prompt, streamer=counter, **gen)
         text = model.decode_time_tokens(result.text, result.video_durations) if has_video_file(prompt) else result.text
         if args.output_format == "json":
             import json
@@ -602,12 +754,55 @@ def run_chat_mode(model: Any, args: argparse.Namespace, prompt: list[Any], gen: 
 
 
 def run_batch_mode(model: Any, args: argparse.Namespace, gen: dict[str, Any], load_s: float) -> int:
-    from .batch import SETTINGS, run_batch
+    """--batch on this process's model, on one shard of the rows, or (model None) on Ray actors."""
+    from .batch import SETTINGS, part_path, run_batch, shard_from_env
 
     defaults = {k: gen.get(k) for k in SETTINGS}
-    summary = run_batch(
-        model, args.batch, args.output, resume=args.resume, batch_size=args.batch_size, defaults=defaults
-    )
+    progress = sys.stderr.isatty()  # a bar in a log file is one endless line of carriage returns
+    shard, source = (None, None) if args.ray is not None else shard_from_env(args.shard_index, args.num_shards)
+    output = args.output if shard is None else str(part_path(args.output, *shard))
+    if shard is not None:
+        print(f"vila-infer: shard {shard[0]} of {shard[1]} (from {source}) -> {output}", file=sys.stderr)
+    try:
+        if args.ray is not None:
+            from .ray import run_ray_batch
+
+            quantization = "8bit" if args.load_8bit else "4bit" if args.load_4bit else None
+            load_kwargs = dict(dtype=args.dtype, conv_mode=args.conv_mode, revision=args.revision)
+            load_kwargs.update(cache_dir=args.cache_dir, lora=args.lora_path, quantization=quantization)
+            if args.device not in (None, "auto"):
+                load_kwargs["device"] = args.device
+            summary = run_ray_batch(
+                args.model_path,
+                args.batch,
+                args.output,
+                load_kwargs=load_kwargs,
+                resume=args.resume,
+                batch_size=args.batch_size,
+                defaults=defaults,
+                address=args.ray or None,
+                replicas=args.replicas,
+                gpus_per_replica=args.gpus_per_replica,
+                progress=progress,
+            )
+        else:
+            summary = run_batch(
+                model,
+                args.batch,
+                output,
+                resume=args.resume,
+                batch_size=args.batch_size,
+                defaults=defaults,
+                progress=progress,
+                shard=shard or (0, 1),
+            )
+    except KeyboardInterrupt:
+        print(
+            f"vila-infer: interrupted; the finished answers are in {output}; to continue, run: " + resume_command(args),
+            file=sys.stderr,
+        )
+        return 130
+    args.output = output
     rate = (summary.answered + summary.failed) / summary.seconds if summary.seconds > 0 else 0.0
     print(
         f"vila-infer: batch: {summary.answered} answered, {summary.failed} failed, {summary.skipped} already in "
@@ -628,6 +823,31 @@ def run_batch_mode(model: Any, args: argparse.Namespace, gen: dict[str, Any], lo
         )
         return 7
     return 0
+
+
+def run_merge(args: argparse.Namespace) -> int:
+    from .batch import merge_parts
+
+    summary = merge_parts(args.batch, args.output, args.num_shards)
+    print(f"vila-infer: merged {summary.total} rows into {args.output} ({summary.failed} error rows)", file=sys.stderr)
+    return 7 if summary.failed else 0
+
+
+def resume_command(args: argparse.Namespace) -> str:
+    """The command line that continues an interrupted ``--batch`` run: this one, with ``--resume``, shell-quoted."""
+    import shlex
+
+    argv = list(getattr(args, "argv", None) or sys.argv[1:])
+    if "--resume" not in argv:
+        argv.append("--resume")
+    program = sys.argv[0]
+    if os.path.basename(program) in ("vila-infer", "vila-infer.exe"):
+        # The bare name when the shell finds this very script, else its path.
+        found = shutil.which("vila-infer")
+        prefix = ["vila-infer"] if found and os.path.realpath(found) == os.path.realpath(program) else [program]
+    else:  # python -m vila.cli, or main() called from Python
+        prefix = [sys.executable, "-m", "vila.cli"]
+    return shlex.join(prefix + argv)
 
 
 def peak_memory() -> dict[str, int]:
@@ -671,6 +891,65 @@ def print_stats(result: Any, load_s: float) -> None:
         + (f", CUDA {_gib(mem['cuda_bytes'])}" if "cuda_bytes" in mem else ", CUDA n/a")
     )
     print("vila-infer stats:\n  " + "\n  ".join(lines), file=sys.stderr)
+
+
+# -- --serve ----------------------------------------------------------------------------------------------
+
+
+def check_serve_flags(args: argparse.Namespace, environ: Any = None) -> dict[str, Any]:
+    """Check the server flags before the (slow) model load; returns ``host``, ``port`` and the settings."""
+    import importlib.util
+
+    from .openai_protocol import Limits
+
+    environ = os.environ if environ is None else environ
+    if args.chat or args.batch or args.text or args.media:
+        raise UsageError("--serve answers HTTP requests; remove --chat, --batch, --text and --media")
+    if importlib.util.find_spec("fastapi") is None or importlib.util.find_spec("uvicorn") is None:
+        raise UsageError("--serve needs FastAPI and uvicorn: pip install 'vila[serve]'")
+    if not 0 < args.port < 65536:
+        raise UsageError(f"--port must be between 1 and 65535, got {args.port}")
+    for flag in ("max_queue", "max_batch_size", "max_image_pixels", "max_video_frames"):
+        if getattr(args, flag) < 1:
+            raise UsageError(f"--{flag.replace('_', '-')} must be a positive integer, got {getattr(args, flag)}")
+    for flag in ("max_body_mb", "max_media_mb", "url_timeout"):
+        if not getattr(args, flag) > 0:
+            raise UsageError(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
+    if args.max_tokens_limit is not None and args.max_tokens_limit < 1:
+        raise UsageError(f"--max-tokens-limit must be a positive integer, got {args.max_tokens_limit}")
+    if args.media_root is not None and not os.path.isdir(args.media_root):
+        raise UsageError(f"--media-root {args.media_root} is not a directory")
+    api_key = args.api_key if args.api_key is not None else environ.get("VILA_API_KEY") or None
+    limits = Limits(
+        max_body_bytes=int(args.max_body_mb * (1 << 20)),
+        max_media_bytes=int(args.max_media_mb * (1 << 20)),
+        max_image_pixels=args.max_image_pixels,
+        max_video_frames=args.max_video_frames,
+        max_tokens=args.max_tokens_limit,
+        url_timeout_s=args.url_timeout,
+        allow_private_urls=args.allow_private_urls,
+        media_root=os.path.abspath(args.media_root) if args.media_root else None,
+    )
+    name = args.served_model_name or os.path.basename(os.path.normpath(args.model_path)) or args.model_path
+    return {
+        "host": args.host,
+        "port": args.port,
+        "settings": dict(
+            model_name=name,
+            aliases=(args.model_path,),
+            api_key=api_key,
+            max_queue=args.max_queue,
+            max_batch_size=args.max_batch_size,
+            limits=limits,
+        ),
+    }
+
+
+def run_serve(model: Any, serving: dict[str, Any]) -> int:
+    from .serve import ServeSettings, serve
+
+    serve(model, ServeSettings(**serving["settings"]), host=serving["host"], port=serving["port"])
+    return 0
 
 
 if __name__ == "__main__":

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 
 from .errors import DeviceError, UsageError
+
+logger = logging.getLogger(__name__)
 
 DTYPES = {
     "float32": torch.float32,
@@ -23,9 +26,12 @@ DTYPES = {
 def resolve_device(device: str | torch.device | None) -> torch.device:
     if device is None or str(device) == "auto":
         if torch.cuda.is_available():
+            logger.debug("device cuda: automatic choice, CUDA is available (%s)", torch.cuda.get_device_name(0))
             return torch.device("cuda")
         if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            logger.debug("device mps: automatic choice, no CUDA and Apple MPS is available")
             return torch.device("mps")
+        logger.debug("device cpu: automatic choice, neither CUDA nor Apple MPS is available")
         return torch.device("cpu")
     try:
         dev = torch.device(device)
@@ -41,24 +47,35 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
             raise DeviceError(f"device {device!r} requested but Apple MPS is not available here; use --device cpu")
     elif dev.type != "cpu":
         raise UsageError(f"unsupported device {device!r}; use auto, cpu, cuda, cuda:N or mps")
+    logger.debug("device %s: as requested", dev)
     return dev
 
 
 def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
     if dtype is None or dtype == "auto":
         if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        if device.type == "mps":
-            return torch.float16
-        return torch.float32
+            bf16 = torch.cuda.is_bf16_supported()
+            chosen = torch.bfloat16 if bf16 else torch.float16
+            why = "the GPU supports bfloat16" if bf16 else "the GPU has no bfloat16"
+        else:
+            chosen = torch.float16 if device.type == "mps" else torch.float32
+            why = f"the default on {device.type}"
+        logger.debug("dtype %s: automatic choice, %s", _name(chosen), why)
+        return chosen
     if isinstance(dtype, torch.dtype):
         if dtype not in DTYPES.values():
             raise UsageError(f"unsupported dtype {dtype}; use float32, float16 or bfloat16")
+        logger.debug("dtype %s: as requested", _name(dtype))
         return dtype
     key = str(dtype).removeprefix("torch.")
     if key not in DTYPES:
         raise UsageError(f"unknown dtype {dtype!r}; use auto, float32, float16 or bfloat16")
+    logger.debug("dtype %s: as requested", _name(DTYPES[key]))
     return DTYPES[key]
+
+
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 def parse_devices(devices: str | Sequence[int | str]) -> list[int]:

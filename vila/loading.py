@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
+import logging
 import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -15,6 +21,10 @@ from .model.vila import VilaModel, load_llm, load_projector
 from .model.vision import build_tower
 from .prompt import detect_conv_mode, get_template
 from .tokenizer import load_tokenizer
+
+logger = logging.getLogger(__name__)
+# Loading takes seconds from here on (an 8B checkpoint is ~16 GB); smaller ones get no progress bar.
+BIG_CHECKPOINT_BYTES = 1 << 30
 
 
 def load(
@@ -63,6 +73,8 @@ def load(
         )
 
     dev, llm_map, memory = plan_placement(device, device_map, devices, max_memory)
+    if llm_map != {"": dev}:
+        logger.debug("LLM device_map %s, max_memory %s; vision tower and projector on %s", llm_map, memory, dev)
     dt = resolve_dtype(dtype, dev)
     extra: dict[str, Any] = {} if memory is None else {"max_memory": memory}
     if quantization is not None:
@@ -70,40 +82,128 @@ def load(
 
         if dtype is None and dt == torch.float32:
             dt = torch.float16  # the reference's dtype for the 16-bit vision side
+            logger.debug("dtype float16 for the vision side: the LLM is quantised (%s)", quantization)
         extra["quantization_config"] = quantization_config(quantization, dt)  # validates before the runtime check
         check_runtime(dev, dt)
 
-    tokenizer = load_tokenizer(cfg.llm_dir)
-    remote_template, remote_mode = remote_chat_template(cfg) if conv_mode == "auto" else (None, None)
-    if remote_template is not None:
-        tokenizer.chat_template = remote_template  # rendered by transformers' sandboxed Jinja, as any chat template
-    elif remote_mode is not None:
-        conv_mode = remote_mode
-    elif conv_mode == "auto":
-        vocab = tokenizer.get_vocab()
-        conv_mode = detect_conv_mode(
-            os.fspath(path_or_id),
-            has_chat_template=bool(getattr(tokenizer, "chat_template", None)),
-            vocab_markers=frozenset(t for t in ("<|eot_id|>", "<|im_start|>") if t in vocab),
-            training_version=cfg.training_conv_version,
-        )
-    llm = load_llm(cfg, dt, llm_map, extra)
-    first = llm.get_input_embeddings().weight.device
-    if first.type == "meta":  # embeddings offloaded to disk by accelerate: keep the vision side on the device
-        first = dev
-    if cfg.top_down is not None:  # VILA-HD: PS3 tower + top-down projector (spec vila_hd.md)
-        from .model.vila_hd import load_vila_hd
+    if conv_mode != "auto":
+        logger.debug("template %s: given by conv_mode (--conv-mode)", conv_mode)
+    name = Path(os.fspath(path_or_id).rstrip("/\\")).name or os.fspath(path_or_id)
+    with quiet_load(cfg, name):
+        tokenizer = load_tokenizer(cfg.llm_dir)
+        remote_template, remote_mode = remote_chat_template(cfg) if conv_mode == "auto" else (None, None)
+        if remote_template is not None:
+            tokenizer.chat_template = remote_template  # rendered by transformers' sandboxed Jinja, as any chat template
+            logger.debug("template: the checkpoint's Jinja chat template, named by config.json chat_template")
+        elif remote_mode is not None:
+            conv_mode = remote_mode
+            logger.debug("template %s: named by config.json chat_template", conv_mode)
+        elif conv_mode == "auto":
+            vocab = tokenizer.get_vocab()
+            conv_mode = detect_conv_mode(
+                os.fspath(path_or_id),
+                has_chat_template=bool(getattr(tokenizer, "chat_template", None)),
+                vocab_markers=frozenset(t for t in ("<|eot_id|>", "<|im_start|>") if t in vocab),
+                training_version=cfg.training_conv_version,
+            )
+        llm = load_llm(cfg, dt, llm_map, extra)
+        first = llm.get_input_embeddings().weight.device
+        if first.type == "meta":  # embeddings offloaded to disk by accelerate: keep the vision side on the device
+            first = dev
+        if cfg.top_down is not None:  # VILA-HD: PS3 tower + top-down projector (spec vila_hd.md)
+            from .model.vila_hd import load_vila_hd
 
-        model = load_vila_hd(cfg, tokenizer, llm, dt, first, conv_mode)
+            model = load_vila_hd(cfg, tokenizer, llm, dt, first, conv_mode)
+        else:
+            tower = build_tower(cfg.vision, cfg.vision_dir, dt, first).eval()
+            projector = load_projector(cfg, cfg.projector_dir, dt, first)
+            model = VilaModel(cfg, tokenizer, llm, tower, projector, conv_mode)
+        if lora is not None:
+            from .lora import apply_lora
+
+            apply_lora(model, lora, merge=quantization is None, revision=None, cache_dir=cache_dir)
+        return model
+
+
+def checkpoint_files(cfg: VilaConfig) -> list[Path]:
+    """The safetensors files the components load from."""
+    dirs = {cfg.llm_dir, cfg.vision_dir, cfg.projector_dir}
+    return sorted({f for d in dirs for f in d.rglob("*.safetensors")})
+
+
+def _tensor_count(path: Path) -> int:
+    """Tensors in a safetensors file, from its JSON header (the first 8 bytes give its length)."""
+    try:
+        with open(path, "rb") as f:
+            header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+    except (OSError, ValueError):
+        return 0
+    return sum(key != "__metadata__" for key in header)
+
+
+class _Advance:
+    """Stands in for one of transformers' "Loading weights" bars: iterating it advances ours (``bar``), if any."""
+
+    def __init__(self, bar: Any, iterable: Any = None):
+        self.bar, self.iterable = bar, iterable
+
+    def __iter__(self) -> Iterator[Any]:
+        for item in self.iterable:
+            yield item
+            if self.bar is not None:
+                self.bar.update(1)
+
+    def update(self, n: int = 1) -> None:
+        if self.bar is not None:
+            self.bar.update(n)
+
+    def __enter__(self) -> _Advance:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        return None
+
+    def __getattr__(self, name: str) -> Any:
+        return lambda *args, **kwargs: None
+
+
+@contextlib.contextmanager
+def quiet_load(cfg: VilaConfig, name: str) -> Iterator[None]:
+    """Keep stderr clean while the weights load.
+
+    transformers draws a "Loading weights" bar per ``from_pretrained`` (LLM and vision tower: two per load, also
+    in a log file, where each becomes one long line of carriage returns) and logs advice meant for its own API.
+    Both stay off here (``--debug`` keeps transformers' log). A big checkpoint loading in a terminal gets one bar
+    instead, counting the tensors transformers loads; it is erased when done, so the answer starts on a clean line.
+    """
+    from transformers.utils import logging as hf_logging
+
+    bar = None
+    files = checkpoint_files(cfg)
+    if sys.stderr.isatty() and sum(os.stat(f).st_size for f in files) > BIG_CHECKPOINT_BYTES:
+        from tqdm import tqdm
+
+        total = sum(_tensor_count(f) for f in files) or None
+        bar = tqdm(total=total, desc=f"Loading {name}", unit=" tensors", file=sys.stderr, leave=False)
+    verbosity = hf_logging.get_verbosity()
+    if not logger.isEnabledFor(logging.DEBUG):
+        hf_logging.set_verbosity_error()
+    set_hook = getattr(hf_logging, "set_tqdm_hook", None)  # transformers >= 5.x
+    bars_were_on = hf_logging.is_progress_bar_enabled()
+    if set_hook is not None:
+        previous = set_hook(lambda factory, args, kwargs: _Advance(bar, args[0] if args else kwargs.get("iterable")))
     else:
-        tower = build_tower(cfg.vision, cfg.vision_dir, dt, first).eval()
-        projector = load_projector(cfg, cfg.projector_dir, dt, first)
-        model = VilaModel(cfg, tokenizer, llm, tower, projector, conv_mode)
-    if lora is not None:
-        from .lora import apply_lora
-
-        apply_lora(model, lora, merge=quantization is None, revision=None, cache_dir=cache_dir)
-    return model
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if set_hook is not None:
+            set_hook(previous)
+        elif bars_were_on:
+            hf_logging.enable_progress_bar()
+        hf_logging.set_verbosity(verbosity)
+        if bar is not None:
+            bar.close()
 
 
 def remote_chat_template(cfg: VilaConfig) -> tuple[str | None, str | None]:

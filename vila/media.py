@@ -8,21 +8,42 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import urllib.error
 import urllib.request
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import PIL.Image
 
-from .errors import MediaError
+from .errors import MediaError, UsageError
 
 PathLike = str | os.PathLike
 
 URL_TIMEOUT_S = 30
-MIN_IMAGE_SIDE = 4  # pixels; smaller images (1x1, 1-pixel strips) carry nothing to describe
+ACCEPTED_MEDIA = (
+    "images (JPEG, PNG, WebP, GIF, BMP, TIFF, ...), videos (MP4, MOV, MKV, WebM, AVI, ...) or a folder of video frames"
+)
+SNIFF_BYTES = 4096
+# (offset, magic bytes, what the file is): common files that are neither images nor videos.
+_SIGNATURES: tuple[tuple[int, bytes, str], ...] = (
+    (0, b"%PDF-", "a PDF document"),
+    (0, b"PK\x03\x04", "a ZIP archive (or a .docx / .xlsx / .pptx / .epub document)"),
+    (0, b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1", "a Microsoft Office document"),
+    (0, b"{\\rtf", "an RTF document"),
+    (0, b"%!PS", "a PostScript document"),
+    (0, b"\x1f\x8b", "a gzip archive"),
+    (0, b"7z\xbc\xaf\x27\x1c", "a 7-Zip archive"),
+    (0, b"Rar!\x1a\x07", "a RAR archive"),
+    (257, b"ustar", "a tar archive"),
+    (0, b"\x7fELF", "a program (ELF executable)"),
+    (0, b"SQLite format 3\x00", "an SQLite database"),
+    (0, b"ID3", "an MP3 audio file"),
+    (0, b"fLaC", "a FLAC audio file"),
+)
 
 
 @dataclass(frozen=True, eq=False)
@@ -93,6 +114,49 @@ def load_image(image: Image | PIL.Image.Image) -> PIL.Image.Image:
     return _open(path, str(path))
 
 
+def sniff_unsupported(head: bytes) -> str | None:
+    """What a file is, from its first bytes, when it is a common kind that is neither an image nor a video
+    ("a PDF document", "a text file", "a WAV audio file", ...); None for anything else, media included."""
+    for offset, magic, kind in _SIGNATURES:
+        if head[offset : offset + len(magic)] == magic:
+            return kind
+    if head[:4] == b"RIFF" and head[8:12] == b"WAVE":
+        return "a WAV audio file"
+    if head[4:8] == b"ftyp" and head[8:12] in (b"M4A ", b"M4B ", b"M4P "):
+        return "an M4A audio file"
+    if len(head) >= 2 and head[0] == 0xFF and head[1] & 0xE0 == 0xE0:  # MPEG audio / ADTS frame sync
+        return "an MP3 or AAC audio file"
+    if head and b"\x00" not in head:
+        try:
+            text = head.decode("utf-8")
+        except UnicodeDecodeError as e:
+            if e.start < len(head) - 3:  # a character cut by the end of the sample is still text
+                return None
+            text = head[: e.start].decode("utf-8")
+        start = text.lstrip("\ufeff \t\r\n").lower()
+        if start.startswith(("<!doctype html", "<html")):
+            return "an HTML page"
+        if "<svg" in start[:1000]:
+            return "an SVG drawing (convert it to PNG first)"
+        if start.startswith(("{", "[")):
+            return "a JSON or text file"
+        return "a text file"
+    return None
+
+
+def sniff_file(path: PathLike) -> str | None:
+    """``sniff_unsupported`` of a file's first bytes; None when it cannot be read."""
+    try:
+        with open(path, "rb") as f:
+            return sniff_unsupported(f.read(SNIFF_BYTES))
+    except OSError:
+        return None
+
+
+def unsupported_message(name: str, kind: str) -> str:
+    return f"{name} is {kind}, not an image or a video; vila reads {ACCEPTED_MEDIA}"
+
+
 def _open(fp: Any, name: str) -> PIL.Image.Image:
     # PIL refuses images over 2x its MAX_IMAGE_PIXELS (~179 MP) as decompression bombs; between 1x and 2x it
     # only warns, which for a photo is noise (a 4K VILA-HD input is ~14 MP).
@@ -104,6 +168,9 @@ def _open(fp: Any, name: str) -> PIL.Image.Image:
         except PIL.Image.DecompressionBombError as e:
             raise MediaError(f"image {name} is too large to decode safely ({e}); resize it first") from e
         except PIL.UnidentifiedImageError as e:
+            kind = sniff_unsupported(fp.getvalue()[:SNIFF_BYTES]) if isinstance(fp, io.BytesIO) else sniff_file(fp)
+            if kind is not None:
+                raise MediaError(unsupported_message(name, kind)) from e
             raise MediaError(
                 f"{name} is not an image PIL can read; check the file (is it a video? use vila.Video)"
             ) from e
@@ -113,11 +180,6 @@ def _open(fp: Any, name: str) -> PIL.Image.Image:
 
 
 def _to_rgb(img: PIL.Image.Image, name: str) -> PIL.Image.Image:
-    if min(img.size) < MIN_IMAGE_SIDE:
-        raise MediaError(
-            f"image {name} is {img.width}x{img.height} pixels, too small to look at; "
-            f"give an image of at least {MIN_IMAGE_SIDE}x{MIN_IMAGE_SIDE} pixels"
-        )
     if img.mode in ("I", "F") or img.mode.startswith("I;16"):
         img = _to_8bit(img)
     try:
@@ -138,3 +200,117 @@ def _to_8bit(img: PIL.Image.Image) -> PIL.Image.Image:
     else:  # "I" (how PIL opens many 16-bit PNGs) or "F": guess the range from the data
         top = 1.0 if img.mode == "F" and peak <= 1.0 else 65535.0 if peak > 255 else 255.0
     return PIL.Image.fromarray(np.clip(np.rint(a * (255.0 / top)), 0, 255).astype(np.uint8), mode="L")
+
+
+# -- media kinds of paths and URLs (the CLI's --media, --batch rows, pathlib.Path prompt parts) ----------------
+
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
+VIDEO_EXTENSIONS = {".mp4", ".mkv", ".webm", ".avi", ".mov", ".m4v", ".mpg", ".mpeg", ".wmv", ".flv", ".3gp", ".ts"}
+
+
+def media_kind(item: str) -> str:
+    """ "image" or "video", by extension (case-insensitive), then by content."""
+    path = item.split("?")[0] if is_url(item) else item
+    ext = os.path.splitext(path)[1].lower()
+    if not is_url(item):
+        if "://" in item:
+            raise MediaError(f"unsupported URL scheme in {item!r}; use http(s):// or a local path")
+        if not os.path.exists(item):
+            raise MediaError(f"media not found: {item}; check the path")
+    if os.path.isdir(item):
+        return "video"  # a directory of frames
+    if os.path.isfile(item) and ext in VIDEO_EXTENSIONS:
+        refuse_non_media(item)
+    if os.path.isfile(item) and ext not in VIDEO_EXTENSIONS:
+        return sniff_kind(item, ext)
+    return "video" if ext in VIDEO_EXTENSIONS else "image"
+
+
+def refuse_non_media(path: str) -> None:
+    """A PDF, a text file, audio...: say what it is before any decoder tries it (and calls it a corrupt video)."""
+    kind = sniff_file(path)
+    if kind is not None:
+        raise MediaError(unsupported_message(path, kind))
+
+
+def sniff_kind(path: str, ext: str) -> str:
+    """Content detection for files whose extension is missing or lies (a .png that is really an mp4)."""
+    try:
+        with PIL.Image.open(path):
+            return "image"
+    except Exception:  # noqa: BLE001 - anything PIL cannot identify is examined further
+        pass
+    refuse_non_media(path)
+    with open(path, "rb") as f:
+        head = f.read(16)
+    is_video = head[4:8] == b"ftyp" or head[:4] == b"\x1aE\xdf\xa3" or (head[:4] == b"RIFF" and head[8:12] == b"AVI ")
+    if is_video or ext not in IMAGE_EXTENSIONS:
+        return "video"
+    return "image"  # a corrupt image: loading it gives the precise error
+
+
+def build_prompt(text: str | None, media: Sequence[str]) -> list[Any]:
+    """Media first, then the text (the reference's order), unless the text places them with placeholders."""
+    items = [Image(m) if media_kind(m) == "image" else Video(m) for m in media]
+    if text is None:
+        return items
+    pieces = re.split(r"(<image>|<video>)", text)
+    holes = [p for p in pieces if p in ("<image>", "<video>")]
+    if not holes:
+        return [*items, text]
+    if len(holes) != len(items):
+        raise UsageError(
+            f"--text has {len(holes)} media placeholder(s) but {len(items)} --media item(s) were given; make them match"
+        )
+    prompt: list[Any] = []
+    it = iter(items)
+    for piece in pieces:
+        if piece in ("<image>", "<video>"):
+            prompt.append(next(it))
+        elif piece:
+            prompt.append(piece)
+    return prompt
+
+
+def has_video_file(prompt: Sequence[Any]) -> bool:
+    """Whether a prompt holds a video file (time tokens in its answer become seconds, as in the reference CLI)."""
+    return any(
+        isinstance(part, Video) and isinstance(part.source, (str, os.PathLike)) and not os.path.isdir(part.source)
+        for part in prompt
+    )
+
+
+def prompt_part(part: Any) -> Any:
+    """One part of a prompt as the model takes it: text (``str``), :class:`Image`, :class:`Video` or a PIL image.
+
+    A ``pathlib.Path`` is a file, never text, so it becomes the image or video it is. A ``str`` is always text (a
+    prompt may well mention a file name); when it is exactly the path of an existing image or video, a warning says
+    how to pass the file itself.
+    """
+    if isinstance(part, (Image, Video, PIL.Image.Image)):
+        return part
+    if isinstance(part, str):
+        _warn_if_media_path(part)
+        return part
+    if isinstance(part, os.PathLike):
+        path = os.fsdecode(part)
+        return Video(path) if media_kind(path) == "video" else Image(path)
+    raise UsageError(
+        f"unsupported prompt part {type(part).__name__}; use str (text), vila.Image, vila.Video, a pathlib.Path "
+        "or a PIL image"
+    )
+
+
+def _warn_if_media_path(text: str) -> None:
+    candidate = text.strip()
+    if not candidate or len(candidate) > 4096 or "\n" in candidate:
+        return
+    if os.path.splitext(candidate)[1].lower() in IMAGE_EXTENSIONS | VIDEO_EXTENSIONS and os.path.isfile(candidate):
+        kind = "Video" if os.path.splitext(candidate)[1].lower() in VIDEO_EXTENSIONS else "Image"
+        # Python shows a warning once per place it is raised from: once per process here.
+        warnings.warn(
+            f"the prompt text {candidate!r} is the path of a file, but strings are text; pass "
+            f"vila.{kind}({candidate!r}) or a pathlib.Path to give the model the file itself",
+            UserWarning,
+            stacklevel=4,
+        )

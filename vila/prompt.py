@@ -6,11 +6,14 @@ reference mutates a module-level ``default_conversation``).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from .errors import UsageError
+
+logger = logging.getLogger(__name__)
 
 IMAGE_TOKEN = "<image>"
 VIDEO_TOKEN = "<vila/video>"
@@ -150,17 +153,23 @@ def detect_conv_mode(
     lowered = path.lower()
     for key, mode in NAME_RULES:
         if key in lowered:
+            logger.debug("template %s: the checkpoint name contains %r (the reference's rule)", mode, key)
             return mode
     if "<|eot_id|>" in vocab_markers:
+        logger.debug("template llama_3: the tokenizer has <|eot_id|> (a Llama-3 LLM)")
         return "llama_3"
     if has_chat_template:
+        logger.debug("template auto: the tokenizer's own chat template")
         return "auto"
     if training_version:
         key = ALIASES.get(training_version, training_version)
         if key in TEMPLATES and key not in ("auto", "plain"):
+            logger.debug("template %s: the training run's saved version %r", key, training_version)
             return key
     if "<|im_start|>" in vocab_markers:
+        logger.debug("template hermes-2: the tokenizer has <|im_start|> but no chat template (a Yi LLM)")
         return "hermes-2"
+    logger.debug("template vicuna_v1: no name rule, chat template or saved version matched (the Llama-2 era default)")
     return "vicuna_v1"
 
 

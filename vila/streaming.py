@@ -1,17 +1,22 @@
-"""Streaming answers and timing generation, on top of transformers' streamers.
+"""Streaming answers, timing generation, and showing progress on a terminal.
 
-``VilaModel.stream_content`` runs ``generate`` in a worker thread with a ``TextIteratorStreamer`` and yields
-its text pieces, stripped like the final answer so that the pieces joined equal ``generate_content``'s
-string. ``TokenClock`` is the streamer ``generate`` always passes: it timestamps tokens for ``--stats``
-and forwards everything to the caller's streamer.
+``VilaModel.stream_content`` runs ``generate`` in a worker thread whose streamer decodes each token as it
+comes (:class:`IncrementalDecoder`) and hands the text to the reading thread; the pieces are stripped like
+the final answer, so that joined they equal ``generate_content``'s string. ``TokenClock`` is the streamer
+``generate`` always passes: it timestamps tokens for ``--stats`` and forwards everything to the caller's
+streamer. :class:`Progress` is ``vila-infer``'s token counter on a terminal.
 """
 
 from __future__ import annotations
 
+import atexit
+import re
+import sys
 import threading
 import time
+from collections import deque
 from collections.abc import Iterable, Iterator
-from typing import Any
+from typing import Any, TextIO
 
 import torch
 
@@ -56,16 +61,6 @@ class TokenClock:
         return out
 
 
-class Cancel:
-    """Stops a running ``generate`` from another thread (a stream closed early, Ctrl-C)."""
-
-    def __init__(self) -> None:
-        self.stop = False
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
-        return torch.full((input_ids.shape[0],), self.stop, dtype=torch.bool, device=input_ids.device)
-
-
 def strip_pieces(pieces: Iterable[str]) -> Iterator[str]:
     """Pieces of a text, as pieces of ``text.strip()``: leading whitespace dropped, whitespace held back until
     something follows it."""
@@ -83,12 +78,151 @@ def strip_pieces(pieces: Iterable[str]) -> Iterator[str]:
             yield body
 
 
+_BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")
+
+
+class IncrementalDecoder:
+    """Token ids in, text out as soon as the ids decode to whole characters.
+
+    Each step decodes a short window, the ids of the last piece given out (as context) plus the new ones,
+    and gives out what the new ids added. The context makes decoders that treat the first token of a text
+    specially (SentencePiece drops its leading space) decode the new ids as they do inside the whole answer;
+    a window ending in U+FFFD stops inside a character split over byte tokens and waits for the rest. A run of
+    SentencePiece byte tokens (``<0xE4>``) is held until it ends: the byte-fallback decoder decodes a run as a
+    whole, and an invalid run as one U+FFFD per byte, so a later byte can change how earlier ones read. Special
+    tokens are dropped first, as ``decode(ids, skip_special_tokens=True)`` drops them.
+    """
+
+    def __init__(self, tokenizer: Any, skip_special_tokens: bool = True):
+        self.tokenizer = tokenizer
+        decoder = getattr(tokenizer, "added_tokens_decoder", {}) if skip_special_tokens else {}
+        self.skip = frozenset(i for i, token in decoder.items() if getattr(token, "special", False))
+        self.ids: list[int] = []
+        self.start = 0  # window start: the first id of the last piece given out
+        self.done = 0  # ids[:done] are given out
+        self._bytes: dict[int, bool] = {}
+
+    def push(self, token_ids: Iterable[int]) -> str:
+        """The text the new ids complete ("" while they end inside a character)."""
+        self.ids.extend(i for i in token_ids if i not in self.skip)
+        end = len(self.ids)
+        while end > self.done and self._is_byte(self.ids[end - 1]):
+            end -= 1
+        if end == self.done:
+            return ""
+        before = self.tokenizer.decode(self.ids[self.start : self.done])
+        after = self.tokenizer.decode(self.ids[self.start : end])
+        if len(after) <= len(before) or not after.startswith(before) or after.endswith("\ufffd"):
+            return ""
+        self.start, self.done = self.done, end
+        return after[len(before) :]
+
+    def _is_byte(self, token_id: int) -> bool:
+        if token_id not in self._bytes:
+            token = self.tokenizer.convert_ids_to_tokens(token_id)
+            self._bytes[token_id] = isinstance(token, str) and _BYTE_TOKEN.fullmatch(token) is not None
+        return self._bytes[token_id]
+
+
+class _Cancelled(Exception):
+    """Raised in the generating thread, from the streamer, to leave ``generate`` at once: nobody reads on."""
+
+
+class _PieceStreamer:
+    """The ``generate`` streamer of a :class:`TextStream`: decodes each token and hands the text to the
+    reading thread, one piece at a time. ``put`` returns only once the reader took the piece, so generation
+    runs at most one token ahead of the reader and pauses when the reader pauses; after :meth:`cancel` the
+    next ``put`` raises, which ends ``generate`` within one token."""
+
+    def __init__(self, tokenizer: Any):
+        self.decoder = IncrementalDecoder(tokenizer)
+        self.tokens = 0
+        self._seen_prompt = False
+        self._cond = threading.Condition()
+        self._queue: deque[str | None] = deque()
+        self._cancelled = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self._seen_prompt:  # generate's first put is the prompt
+            self._seen_prompt = True
+            return
+        self.tokens += value.numel()
+        piece = self.decoder.push(value.reshape(-1).tolist())
+        with self._cond:
+            if piece and not self._cancelled:
+                self._queue.append(piece)
+                self._cond.notify_all()
+                while self._queue and not self._cancelled:
+                    self._cond.wait()
+            if self._cancelled:
+                raise _Cancelled
+
+    def end(self) -> None:
+        with self._cond:
+            self._queue.append(None)
+            self._cond.notify_all()
+
+    def get(self) -> str | None:
+        """The next piece, or None once generation ended (reading thread)."""
+        with self._cond:
+            while not self._queue:
+                self._cond.wait()
+            item = self._queue.popleft()
+            self._cond.notify_all()
+            return item
+
+    def cancel(self) -> None:
+        with self._cond:
+            self._cancelled = True
+            self._cond.notify_all()
+
+    def pieces(self) -> Iterator[str]:
+        while (piece := self.get()) is not None:
+            yield piece
+
+
+# Generations in flight. At interpreter exit they are cancelled and waited for: a daemon thread still inside
+# torch when the interpreter finalises aborts the process ("terminate called without an active exception").
+_RUNNING: set[tuple[threading.Thread, _PieceStreamer]] = set()
+_RUNNING_LOCK = threading.Lock()
+_atexit_registered = False
+
+
+def _track(entry: tuple[threading.Thread, _PieceStreamer]) -> None:
+    global _atexit_registered
+    with _RUNNING_LOCK:
+        if not _atexit_registered:
+            atexit.register(_stop_all)
+            _atexit_registered = True
+        _RUNNING.add(entry)
+
+
+def _stop_all() -> None:
+    with _RUNNING_LOCK:
+        running = list(_RUNNING)
+    for _, streamer in running:
+        streamer.cancel()
+    for thread, _ in running:
+        thread.join()
+
+
+class _StreamState:
+    def __init__(self) -> None:
+        self.result: Any = None
+        self.streamer: _PieceStreamer | None = None
+
+
 class TextStream:
-    """Iterator over the pieces of one streamed answer; ``result`` is the ``GenerationResult`` once done."""
+    """Iterator over the pieces of one streamed answer; ``result`` is the ``GenerationResult`` once done.
+
+    Generation pauses when the reader does (it runs at most one token ahead) and stops within one token when
+    the stream is closed, dropped (leaving a ``for`` loop over it with ``break``), or the program exits."""
 
     def __init__(self, model: Any, prompt: Any, kwargs: dict[str, Any]):
-        self.result: Any = None
-        self._pieces = self._run(model, prompt, dict(kwargs))
+        # The generator must not hold this object (no reference cycle), so that dropping the stream closes
+        # the generator, and with it the generation, at once rather than at the next garbage collection.
+        self._state = _StreamState()
+        self._pieces = _stream(model, prompt, dict(kwargs), self._state)
 
     def __iter__(self) -> TextStream:
         return self
@@ -96,41 +230,133 @@ class TextStream:
     def __next__(self) -> str:
         return next(self._pieces)
 
+    def __enter__(self) -> TextStream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def result(self) -> Any:
+        return self._state.result
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens generated so far."""
+        streamer = self._state.streamer
+        return streamer.tokens if streamer is not None else 0
+
     def close(self) -> None:
-        """Stop generating (also what leaving a ``for`` loop early does, once the stream is collected)."""
+        """Stop generating (within one token) and wait for the generating thread to end."""
         self._pieces.close()
 
-    def _run(self, model: Any, prompt: Any, kwargs: dict[str, Any]) -> Iterator[str]:
-        from transformers import StoppingCriteriaList, TextIteratorStreamer
 
-        streamer = TextIteratorStreamer(model.tokenizer, skip_prompt=True, skip_special_tokens=True)
-        cancel = Cancel()
-        kwargs["stopping_criteria"] = StoppingCriteriaList([cancel, *(kwargs.get("stopping_criteria") or [])])
-        box: dict[str, Any] = {}
+def _stream(model: Any, prompt: Any, kwargs: dict[str, Any], state: _StreamState) -> Iterator[str]:
+    streamer = _PieceStreamer(model.tokenizer)
+    state.streamer = streamer
+    box: dict[str, Any] = {}
 
-        def work() -> None:
-            try:
-                box["result"] = model.generate(prompt, streamer=streamer, **kwargs)
-            except BaseException as e:  # noqa: BLE001 - handed to the consuming thread
-                box["error"] = e
-            finally:
-                streamer.end()  # unblocks the consumer when generate failed before it began
-
-        thread = threading.Thread(target=work, name="vila-generate", daemon=True)
-        thread.start()
-        sent = ""
+    def work() -> None:
         try:
-            for piece in strip_pieces(streamer):
-                sent += piece
-                yield piece
-            thread.join()
-            if "error" in box:
-                raise box["error"]
-            self.result = box["result"]
-            # The streamer decodes incrementally; the final decode is authoritative for the tail.
-            text = self.result.text
-            if len(text) > len(sent) and text.startswith(sent):
-                yield text[len(sent) :]
+            box["result"] = model.generate(prompt, streamer=streamer, **kwargs)
+        except BaseException as e:  # noqa: BLE001 - handed to the reading thread
+            box["error"] = e
         finally:
-            cancel.stop = True
-            thread.join()
+            streamer.end()  # unblocks the reader when generate failed or was cancelled
+
+    thread = threading.Thread(target=work, name="vila-generate", daemon=True)
+    entry = (thread, streamer)
+    _track(entry)
+    thread.start()
+    sent = ""
+    try:
+        for piece in strip_pieces(streamer.pieces()):
+            sent += piece
+            yield piece
+        thread.join()
+        if "error" in box:
+            raise box["error"]
+        state.result = box["result"]
+        # Anything the incremental decoding held back (a text ending in U+FFFD) comes from the final decode.
+        text = state.result.text
+        if len(text) > len(sent) and text.startswith(sent):
+            yield text[len(sent) :]
+    finally:
+        streamer.cancel()
+        thread.join()
+        with _RUNNING_LOCK:
+            _RUNNING.discard(entry)
+
+
+# -- progress on a terminal ---------------------------------------------------------------------------------
+
+PROGRESS_AFTER_S = 2.0  # silence on the terminal before the counter shows
+PROGRESS_TICK_S = 0.25
+
+
+class Progress:
+    """A token counter on a terminal's stderr, shown while nothing printed says that generation goes on (a
+    long prefill, an answer printed only when complete, tokens that print nothing). It appears after
+    ``PROGRESS_AFTER_S`` of silence and is erased before anything else is printed through :meth:`write`; the
+    cursor is saved and restored around it, so the answer carries on where it was. Off unless ``stream`` is a
+    terminal. ``count``: tokens generated so far."""
+
+    def __init__(self, count: Any = None, stream: TextIO | None = None, enabled: bool | None = None):
+        self.stream = stream if stream is not None else sys.stderr
+        self.enabled = _isatty(self.stream) if enabled is None else enabled
+        self.count = count
+        self._lock = threading.Lock()
+        self._shown = False
+        self._start = self._last = time.monotonic()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> Progress:
+        if self.enabled:
+            self._thread = threading.Thread(target=self._run, name="vila-progress", daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        with self._lock:
+            self._erase()
+
+    def write(self, out: TextIO, text: str) -> None:
+        """Print ``text`` on ``out`` (the counter erased first)."""
+        with self._lock:
+            self._erase()
+            out.write(text)
+            out.flush()
+            self._last = time.monotonic()
+
+    def _run(self) -> None:
+        spinner = "|/-\\"
+        frame = 0
+        while not self._stop.wait(PROGRESS_TICK_S):
+            with self._lock:
+                now = time.monotonic()
+                if now - self._last < PROGRESS_AFTER_S:
+                    continue
+                seconds = f"{now - self._start:.0f} s"
+                label = f"{self.count()} tokens, {seconds}" if self.count is not None else seconds
+                # save cursor, label, clear the rest of the line, restore cursor
+                self.stream.write(f"\0337 [{spinner[frame % 4]} generating: {label}]\033[K\0338")
+                self.stream.flush()
+                self._shown = True
+                frame += 1
+
+    def _erase(self) -> None:
+        if self._shown:
+            self.stream.write("\033[K")
+            self.stream.flush()
+            self._shown = False
+
+
+def _isatty(stream: Any) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):  # no isatty, or a closed file
+        return False

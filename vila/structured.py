@@ -1,7 +1,8 @@
-"""JSON mode: answers constrained to a JSON object or to a JSON Schema (spec generation.md §8.5).
+"""JSON mode: answers constrained to a JSON object or to a JSON Schema.
 
-The grammar work is xgrammar's (the reference's choice; CPU and CUDA), installed with ``pip install
-'vila[json]'``. ``response_format`` is what the reference and OpenAI-style APIs take::
+The grammar work is llguidance's (CPU and CUDA alike: masks are computed on the CPU and applied with plain
+torch), installed with ``pip install 'vila[json]'``. ``response_format`` is what the reference and OpenAI-style
+APIs take::
 
     {"type": "json_object"}                                   # any JSON object
     {"type": "json_schema", "json_schema": {"schema": {...}}}  # an object valid under the schema
@@ -12,6 +13,12 @@ grammar also allowed arrays and scalars, and treated ``"text"`` as JSON too), an
 instead of free, so a model cannot spend its budget on blank space. And the answer is always complete
 JSON: when the token budget (``max_new_tokens`` or the context) is about to run out, decoding switches to
 the shortest way of closing the open strings, arrays and objects, instead of stopping mid-string.
+
+The reference constrains through xgrammar, which pulls triton (about 1 GB installed) even on machines without
+a GPU; llguidance is one 3 MB wheel with no dependencies. Both are exact token-level engines, and with the
+options below they accept the same JSON texts (compact, properties in the schema's order, no keys the schema
+does not list; llguidance never puts a raw DEL character in a string), but llguidance writes text the grammar
+forces (a key name) only in the tokenizer's own tokenization, so answers of the same model can differ.
 """
 
 from __future__ import annotations
@@ -30,7 +37,8 @@ if TYPE_CHECKING:  # torch comes with the model; importing it here would slow do
     import torch
 
 INSTALL_HINT = "pip install 'vila[json]'"
-_COMPACT = (",", ":")
+# Compact JSON; given as overrides, so a schema's own "x-guidance" options cannot turn free whitespace back on.
+_OPTIONS = {"whitespace_flexible": False, "item_separator": ",", "key_separator": ":"}
 # Tokens made only of these (or spelling a literal) are what the closing policy picks from.
 _CLOSING_ALPHABET = frozenset(b'"{}[]:,0123456789')
 _LITERALS = (b"true", b"false", b"null")
@@ -45,12 +53,14 @@ class ResponseFormat:
     schema: str | None = None
 
 
-def require_xgrammar() -> Any:
+def require_llguidance() -> Any:
     try:
-        import xgrammar
+        import llguidance
+        import llguidance.hf
+        import llguidance.numpy  # noqa: F401 - the mask helpers used below
     except ImportError as e:
-        raise UsageError(f"JSON mode needs the optional xgrammar package; install it with: {INSTALL_HINT}") from e
-    return xgrammar
+        raise UsageError(f"JSON mode needs the optional llguidance package; install it with: {INSTALL_HINT}") from e
+    return llguidance
 
 
 def parse_response_format(value: Any) -> ResponseFormat | None:
@@ -75,21 +85,22 @@ def parse_response_format(value: Any) -> ResponseFormat | None:
 
 
 def validate_schema(schema: Any, name: str = "the JSON schema") -> str:
-    """The schema as JSON text, after checking that xgrammar can turn it into a grammar."""
+    """The schema as JSON text, after checking that llguidance can turn it into a grammar."""
     if isinstance(schema, str):
         try:
             schema = json.loads(schema)
         except json.JSONDecodeError as e:
             raise UsageError(f"{name} is not valid JSON ({e}); give a JSON Schema object") from e
+    if schema is False:
+        raise UsageError(f"{name} is `false`, which no answer satisfies; give a JSON Schema object")
     if not isinstance(schema, (dict, bool)):
         raise UsageError(f"{name} must be a JSON object (a JSON Schema), got {type(schema).__name__}")
     text = json.dumps(schema)
-    xgr = require_xgrammar()
-    try:
-        xgr.Grammar.from_json_schema(text, any_whitespace=False, separators=_COMPACT)
-    except Exception as e:  # noqa: BLE001 - xgrammar raises RuntimeError with the converter's message
-        reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
-        raise UsageError(f"{name} is not a usable JSON Schema: {reason.split(': ', 1)[-1]}") from e
+    llg = require_llguidance()
+    error = llg.LLMatcher.validate_grammar(_grammar(ResponseFormat("json_schema", text)))
+    if error:
+        lines = [line for line in error.strip().splitlines() if line.strip()]
+        raise UsageError(f"{name} is not a usable JSON Schema: {lines[0] if lines else error}")
     return text
 
 
@@ -107,41 +118,84 @@ def load_schema_file(path: str | os.PathLike) -> ResponseFormat:
 
 # -- grammar ----------------------------------------------------------------------------------------------
 
+# Keywords whose value is one schema, a list of schemas, or a name -> schema mapping.
+_ONE_SCHEMA = ("items", "additionalItems", "contains", "not", "if", "then", "else", "additionalProperties")
+_SCHEMA_LISTS = ("anyOf", "oneOf", "prefixItems")
+_SCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
+
+
+def closed_schema(schema: Any, close: bool = True) -> Any:
+    """A copy of ``schema`` in which every object listing ``properties`` takes no other keys, unless it says
+    otherwise (``additionalProperties``, ``patternProperties`` or ``unevaluatedProperties``).
+
+    JSON Schema's default would let the model invent keys the caller never asked for; a constrained answer is
+    wanted for its listed fields (OpenAI's strict mode and xgrammar's default behave the same way).
+    ``allOf`` members are left open, since closing each one would forbid the keys the others list."""
+    if not isinstance(schema, dict):
+        return schema
+    out = dict(schema)
+    for key in _ONE_SCHEMA:
+        if isinstance(out.get(key), dict):
+            out[key] = closed_schema(out[key])
+    for key in _SCHEMA_LISTS:
+        if isinstance(out.get(key), list):
+            out[key] = [closed_schema(s) for s in out[key]]
+    if isinstance(out.get("allOf"), list):
+        out["allOf"] = [closed_schema(s, close=False) for s in out["allOf"]]
+    for key in _SCHEMA_MAPS:
+        if isinstance(out.get(key), dict):
+            out[key] = {k: closed_schema(s) for k, s in out[key].items()}
+    open_keys = ("additionalProperties", "patternProperties", "unevaluatedProperties")
+    if close and "properties" in out and not any(k in out for k in open_keys):
+        out["additionalProperties"] = False
+    return out
+
+
+def _grammar(fmt: ResponseFormat) -> str:
+    """llguidance's grammar text for a format (any object for json_object)."""
+    llg = require_llguidance()
+    schema = json.loads(fmt.schema) if fmt.type == "json_schema" else {"type": "object"}
+    if schema is True:  # any JSON value; options only attach to an object schema
+        schema = {}
+    return llg.LLMatcher.grammar_from_json_schema(closed_schema(schema), overrides=_OPTIONS)
+
 
 class GrammarVocab:
-    """xgrammar's view of one model's tokenizer, plus what the closing policy needs; built once per model."""
+    """llguidance's view of one model's tokenizer, plus what the closing policy needs; built once per model."""
 
     def __init__(self, tokenizer: Any, vocab_size: int, stop_token_ids: tuple[int, ...]):
-        xgr = require_xgrammar()
-        self.info = xgr.TokenizerInfo.from_huggingface(
-            tokenizer, vocab_size=vocab_size, stop_token_ids=list(stop_token_ids)
-        )
-        self.compiler = xgr.GrammarCompiler(self.info)
+        llg = require_llguidance()
+        try:
+            self.tokenizer = llg.hf.from_tokenizer(
+                tokenizer, n_vocab=vocab_size, eos_token=list(stop_token_ids) or None
+            )
+        except ValueError as e:  # a slow (Python) tokenizer; every checkpoint we load has a fast one
+            raise UsageError(f"JSON mode needs a fast (tokenizers-backed) tokenizer: {e}") from e
         self.vocab_size = vocab_size
-        self.token_bytes: list[bytes] = list(self.info.decoded_vocab) + [b""] * (
-            vocab_size - len(self.info.decoded_vocab)
-        )
-        special = set(self.info.special_token_ids) | set(stop_token_ids)
+        self.stop_token_ids = frozenset(stop_token_ids)
+        # Special tokens never appear inside JSON text, so they spell nothing here.
+        self.token_bytes: list[bytes] = [
+            b"" if self.tokenizer.is_special_token(i) else self.tokenizer.decode_bytes([i]) for i in range(vocab_size)
+        ]
         cands = [
             i
             for i, b in enumerate(self.token_bytes)
-            if i not in special and b and (b in _LITERALS or (len(b) <= 3 and set(b) <= _CLOSING_ALPHABET))
+            if i not in self.stop_token_ids and b and (b in _LITERALS or (len(b) <= 3 and set(b) <= _CLOSING_ALPHABET))
         ]
         self.candidates = np.array(cands, dtype=np.int64)
-        self._grammars: dict[ResponseFormat, Any] = {}
+        self._matchers: dict[ResponseFormat, Any] = {}
 
-    def grammar(self, fmt: ResponseFormat) -> Any:
-        if fmt not in self._grammars:
-            if fmt.type == "json_schema":
-                g = self.compiler.compile_json_schema(fmt.schema, any_whitespace=False, separators=_COMPACT)
-            else:
-                g = self.compiler.compile_json_schema(
-                    '{"type": "object"}', any_whitespace=False, separators=_COMPACT, strict_mode=False
-                )
-            if len(self._grammars) >= 32:
-                self._grammars.pop(next(iter(self._grammars)))
-            self._grammars[fmt] = g
-        return self._grammars[fmt]
+    def matcher(self, fmt: ResponseFormat) -> Any:
+        """A fresh matcher for ``fmt`` (a copy of one built once per format: building compiles the lexer)."""
+        if fmt not in self._matchers:
+            llg = require_llguidance()
+            m = llg.LLMatcher(self.tokenizer, _grammar(fmt), log_level=0)  # errors are read below, not printed
+            if m.is_error():
+                raise UsageError(f"cannot use this JSON format with this model's tokenizer: {m.get_error()}")
+            if len(self._matchers) >= 32:
+                self._matchers.pop(next(iter(self._matchers)))
+            self._matchers[fmt] = m
+        return self._matchers[fmt].deep_copy()
 
 
 _VOCABS: weakref.WeakKeyDictionary[Any, dict[tuple[int, ...], GrammarVocab]] = weakref.WeakKeyDictionary()
@@ -161,7 +215,7 @@ def json_logits_processor(
 ) -> JsonLogitsProcessor:
     """A processor constraining each of ``len(budgets)`` rows to ``fmt`` within its token budget."""
     vocab = grammar_vocab(model, tuple(stop_token_ids))
-    processor = JsonLogitsProcessor(vocab, [vocab.grammar(fmt)] * len(budgets), budgets)
+    processor = JsonLogitsProcessor(vocab, [vocab.matcher(fmt) for _ in budgets], budgets)
     path = processor._close_path(processor.matchers[0], _Nesting(), max(4096, *budgets))
     shortest = None if path is None else len(path)
     if shortest is None or shortest > min(budgets):
@@ -210,31 +264,34 @@ class _Nesting:
 class JsonLogitsProcessor:
     """Masks every token the grammar forbids; near the end of a row's budget, forces the closing path.
 
-    One ``xgrammar.GrammarMatcher`` per row. Every ``RECHECK_EVERY`` steps the processor measures, on a fork of
+    One ``llguidance.LLMatcher`` per row. Every ``RECHECK_EVERY`` steps the processor measures, on a copy of
     the matcher, how many tokens a greedy closing policy (fewest open strings, arrays and objects first; a
     schema's required keys come from the grammar) needs to complete the JSON. Once the budget left is within
     that length plus a margin, each step checks that the model's best token still leaves room to close; if
-    not, the closing token is forced. (Sampling turns greedy inside that window.) Rows whose grammar has
-    terminated are left alone (transformers pads them).
+    not, the closing token is forced. (Sampling turns greedy inside that window.) Rows that have taken a stop
+    token are left alone (transformers pads them).
     """
 
-    def __init__(self, vocab: GrammarVocab, grammars: list[Any], budgets: list[int]):
-        xgr = require_xgrammar()
-        self.xgr = xgr
+    def __init__(self, vocab: GrammarVocab, matchers: list[Any], budgets: list[int]):
+        self.llg = require_llguidance()
         self.vocab = vocab
-        self.matchers = [xgr.GrammarMatcher(g) for g in grammars]
-        self.nesting = [_Nesting() for _ in grammars]
+        self.matchers = matchers
+        self.nesting = [_Nesting() for _ in matchers]
         self.budgets = list(budgets)
-        self.broken = [False] * len(grammars)
+        self.broken = [False] * len(matchers)
+        # Own flag: llguidance reports "stopped" as soon as only a stop token may follow, one step before it is taken.
+        self.done = [False] * len(matchers)
         # The closing path from the current state (None: not known), and the (token, path after it) foreseen.
-        self.plans: list[list[int] | None] = [None] * len(grammars)
-        self.close_length = [0] * len(grammars)  # length of the last known closing path
-        self.after: list[tuple[int, list[int]] | None] = [None] * len(grammars)
+        self.plans: list[list[int] | None] = [None] * len(matchers)
+        self.close_length = [0] * len(matchers)  # length of the last known closing path
+        self.after: list[tuple[int, list[int]] | None] = [None] * len(matchers)
         self.steps = 0
-        self.bitmask = xgr.allocate_token_bitmask(len(grammars), vocab.vocab_size)
-        self._scratch = xgr.allocate_token_bitmask(1, vocab.vocab_size)
+        self.bitmask = self.llg.numpy.allocate_token_bitmask(len(matchers), vocab.vocab_size)
+        self._scratch = self.llg.numpy.allocate_token_bitmask(1, vocab.vocab_size)
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        import torch
+
         rows = scores.shape[0]
         if rows != len(self.matchers):
             raise RuntimeError(f"JSON mode was set up for {len(self.matchers)} rows, got {rows}")
@@ -242,8 +299,9 @@ class JsonLogitsProcessor:
             for i in range(rows):
                 if self._active(i, self.steps - 1):
                     token = int(input_ids[i, -1])
-                    if self.matchers[i].accept_token(token):
+                    if self.matchers[i].consume_token(token):
                         self.nesting[i] = self.nesting[i].feed(self.vocab.token_bytes[token])
+                        self.done[i] = token in self.vocab.stop_token_ids
                     else:
                         self.broken[i] = True
                     self._advance_plan(i, token)
@@ -252,7 +310,7 @@ class JsonLogitsProcessor:
             if not self._active(i, self.steps):
                 self.bitmask[i] = -1  # all allowed: the row is finished, its scores are not used
                 continue
-            self.matchers[i].fill_next_token_bitmask(self.bitmask, i)
+            self.llg.numpy.fill_next_token_bitmask(self.matchers[i], self.bitmask, i)
             remaining = self.budgets[i] - self.steps
             if self.plans[i] is None and (self.steps % RECHECK_EVERY == 0 or remaining <= self._window(i)):
                 self.plans[i] = self._close_path(self.matchers[i], self.nesting[i], remaining)
@@ -260,14 +318,16 @@ class JsonLogitsProcessor:
             if remaining <= self._window(i):
                 forced[i] = self._choose(i, scores[i], remaining)
         self.steps += 1
-        device = scores.device
-        work = scores if device.type in ("cpu", "cuda") else scores.cpu()
-        self.xgr.apply_token_bitmask_inplace(work, self.bitmask.to(work.device))
+        width = min(scores.shape[1], self.vocab.vocab_size)
+        allowed = np.unpackbits(self.bitmask.view(np.uint8), axis=1, bitorder="little")[:, :width]
+        forbidden = torch.from_numpy(allowed == 0).to(scores.device)
+        scores[:, :width].masked_fill_(forbidden, -float("inf"))
+        scores[:, width:] = -float("inf")  # positions past the tokenizer's vocabulary spell nothing
         for i, token in forced.items():
-            keep = work[i, token].clone()
-            work[i] = -float("inf")
-            work[i, token] = keep if bool(keep.isfinite()) else 0.0
-        return work if work is scores else work.to(device)
+            keep = scores[i, token].clone()
+            scores[i] = -float("inf")
+            scores[i, token] = keep if bool(keep.isfinite()) else 0.0
+        return scores
 
     def _window(self, i: int) -> int:
         """Within this many tokens of the budget's end every step checks that the JSON can still be closed."""
@@ -287,19 +347,19 @@ class JsonLogitsProcessor:
         self.after[i] = None
 
     def _active(self, i: int, step: int) -> bool:
-        return not self.broken[i] and not self.matchers[i].is_terminated() and step < self.budgets[i]
+        return not self.broken[i] and not self.done[i] and step < self.budgets[i]
 
     def _choose(self, i: int, row_scores: torch.Tensor, remaining: int) -> int:
         """The model's best allowed token if the JSON can still be closed after it, else the closing token."""
         allowed = self._allowed(self.bitmask[i])
-        logits = row_scores.detach().float().cpu().numpy()
-        best = int(np.argmax(np.where(allowed, logits, -np.inf)))
+        logits = row_scores.detach().float().cpu().numpy()[: len(allowed)]
+        best = int(np.argmax(np.where(allowed[: len(logits)], logits, -np.inf)))
         plan = self.plans[i]
         if plan and plan[0] == best:  # the model walks the closing path itself
             self.after[i] = (best, plan[1:])
             return best
-        matcher, nesting = self.matchers[i].fork(), self.nesting[i]
-        if matcher.accept_token(best):
+        matcher, nesting = self.matchers[i].deep_copy(), self.nesting[i]
+        if matcher.consume_token(best):
             path = self._close_path(matcher, nesting.feed(self.vocab.token_bytes[best]), remaining - 1)
             if path is not None:
                 self.after[i] = (best, path)
@@ -310,22 +370,22 @@ class JsonLogitsProcessor:
         return self._closing_token(nesting, self.bitmask[i])  # already too late: close as fast as possible
 
     def _close_path(self, matcher: Any, nesting: _Nesting, limit: int) -> list[int] | None:
-        """The closing policy's tokens completing the JSON from this state (on a fork), None if more than limit."""
-        matcher, path = matcher.fork(), []
-        while not matcher.is_completed():
+        """The closing policy's tokens completing the JSON from this state (on a copy), None if more than limit."""
+        matcher, path = matcher.deep_copy(), []
+        while not matcher.is_accepting():
             if len(path) >= limit:
                 return None
-            matcher.fill_next_token_bitmask(self._scratch, 0)
+            self.llg.numpy.fill_next_token_bitmask(matcher, self._scratch, 0)
             token = self._closing_token(nesting, self._scratch[0])
-            if not matcher.accept_token(token):
+            if not matcher.consume_token(token):
                 return None
             nesting = nesting.feed(self.vocab.token_bytes[token])
             path.append(token)
         return path
 
-    def _closing_token(self, nesting: _Nesting, mask_row: torch.Tensor) -> int:
+    def _closing_token(self, nesting: _Nesting, mask_row: np.ndarray) -> int:
         """Among allowed structural tokens, the one leaving the fewest open strings/arrays/objects."""
-        words = mask_row.numpy().view(np.uint32)
+        words = mask_row.view(np.uint32)
         cands = self.vocab.candidates
         ok = cands[((words[cands >> 5] >> (cands & 31).astype(np.uint32)) & 1).astype(bool)]
         if len(ok) == 0:
@@ -336,6 +396,6 @@ class JsonLogitsProcessor:
             min(ok, key=lambda t: (nesting.feed(tb[t]).open, -tb[t].count(b"}"[0]) - tb[t].count(b"]"[0]), len(tb[t])))
         )
 
-    def _allowed(self, mask_row: torch.Tensor) -> np.ndarray:
-        bits = np.unpackbits(mask_row.numpy().view(np.uint8), bitorder="little")
+    def _allowed(self, mask_row: np.ndarray) -> np.ndarray:
+        bits = np.unpackbits(mask_row.view(np.uint8), bitorder="little")
         return bits[: self.vocab.vocab_size].astype(bool)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import math
 import os
 import queue
@@ -37,7 +38,9 @@ import numpy as np
 import PIL.Image
 
 from .errors import MediaError, UsageError
-from .media import URL_TIMEOUT_S, Image, Video, is_url, load_image
+from .media import URL_TIMEOUT_S, Image, Video, is_url, load_image, sniff_file, unsupported_message
+
+logger = logging.getLogger(__name__)
 
 BACKENDS = ("pyav", "opencv", "decord")
 # backend=None tries these in order. PyAV first: it seeks to the keyframe at or before a frame (OpenCV restarts ~16
@@ -282,6 +285,7 @@ def _load_sequence(
     indices = sample_indices(len(items), num_frames)
     if not indices:
         raise MediaError(f"{name} holds no frames; pass at least one frame")
+    _warn_repeats(name, len(items), num_frames)
     wanted = sorted(set(indices))
     decoded: dict[int, PIL.Image.Image] = {}
     with _progress_bar(len(wanted), progress, "reading frames") as bar:
@@ -311,6 +315,183 @@ def _frame_to_pil(item: Any, index: int) -> PIL.Image.Image:
 
 
 # --------------------------------------------------------------------------------------------------------------------
+# Colour and orientation, as the reference's OpenCV gives them
+#
+# The reference reads frames with OpenCV 4 (NVlabs/VILA llava/utils/media.py, _load_video), whose FFmpeg backend
+# converts with swscale's defaults (opencv modules/videoio/src/cap_ffmpeg_impl.hpp, retrieveFrame: SWS_BICUBIC and no
+# colour details): the BT.601 matrix whatever matrix the stream is tagged with, full range only for the "yuvj" pixel
+# formats and grey, limited otherwise even where the stream says full range. PyAV is told exactly that (bit-exact
+# with opencv-python-headless 4.8 and 4.11 on 8-bit streams). OpenCV 5 and decord follow the stream's tags and cannot
+# be told otherwise: OpenCV's frames of a stream they would colour differently are decoded again by PyAV, and decord,
+# which is only chosen when neither PyAV nor OpenCV opens the file, warns when forced on such a stream.
+#
+# Frames are turned by the container's display matrix as OpenCV 4.8 turns them: the reference pins
+# opencv-python-headless 4.8.0.76, whose FFmpeg backend applies the display matrix (newer OpenCV 4.11 stopped finding
+# it, and decord turns some files itself). OpenCV's angle (cap_ffmpeg_impl.hpp, get_rotation_angle) is
+# -cvRound(av_display_rotation_get(matrix)) taken into [0, 360); only 90, 180 and 270 turn the frame (cv::rotate,
+# rotateFrame), any other angle leaves it as stored, and a flip only counts through the angle it gives. Every backend
+# decodes frames as stored and turns them the same way, before the frame transform, so tiles see the turned frame.
+
+# AVColorSpace values a tag-honouring decoder converts like the reference: unspecified, reserved and the BT.601 pair.
+_REFERENCE_MATRICES = frozenset({2, 3, 5, 6})
+_AVCOL_RANGE_JPEG = 2
+
+
+def _full_range_format(name: str) -> bool:
+    """swscale's own range for a pixel format when it is told nothing: full for yuvj* and grey, else limited."""
+    return name.startswith(("yuvj", "gray", "ya"))
+
+
+def reference_rgb(frame: Any) -> np.ndarray:
+    """A decoded PyAV frame as the reference's OpenCV converts it: H x W x 3 uint8 RGB."""
+    fmt = frame.format
+    if fmt.is_rgb or fmt.has_palette:
+        return frame.to_ndarray(format="rgb24", interpolation="BICUBIC")
+    return frame.to_ndarray(
+        format="rgb24",
+        src_colorspace="ITU601",
+        src_color_range="JPEG" if _full_range_format(fmt.name) else "MPEG",
+        interpolation="BICUBIC",
+    )
+
+
+def _tags_change_colour(stream: Any) -> bool:
+    """Whether a decoder that follows the stream's colour tags (OpenCV 5, decord) gives other colours than the
+    reference's: a matrix other than BT.601, or full range flagged on a pixel format swscale takes as limited."""
+    import av
+
+    cc = stream.codec_context
+    if cc.pix_fmt is None:
+        return False
+    fmt = av.VideoFormat(cc.pix_fmt)
+    if fmt.is_rgb or fmt.has_palette:
+        return False
+    full_flag = int(cc.color_range) == _AVCOL_RANGE_JPEG
+    return int(cc.colorspace) not in _REFERENCE_MATRICES or (full_flag and not _full_range_format(fmt.name))
+
+
+def _stream_tags_change_colour(path: Path) -> bool:
+    """``_tags_change_colour`` for a file's first video stream; False when PyAV cannot read it."""
+    if not _importable("av"):
+        return False
+    import av
+
+    try:
+        with av.open(str(path)) as container:
+            return bool(container.streams.video) and _tags_change_colour(container.streams.video[0])
+    except Exception:  # noqa: BLE001 - unreadable for PyAV: nothing to compare with
+        return False
+
+
+def _opencv_quarter_turns(rotation: float) -> int:
+    """Counter-clockwise quarter turns (``np.rot90``'s k) OpenCV 4.8 gives a frame whose display matrix has
+    ``av_display_rotation_get`` = ``rotation`` (counter-clockwise degrees): its clockwise angle
+    ``-cvRound(rotation) mod 360`` (cvRound rounds halves to even, as ``round``) turns the frame at 90, 180 and 270."""
+    if not math.isfinite(rotation):
+        return 0
+    return {90: 3, 180: 2, 270: 1}.get(-round(rotation) % 360, 0)
+
+
+def _display_rotation(matrix: Sequence[int]) -> float:
+    """FFmpeg's av_display_rotation_get in the same double arithmetic: counter-clockwise degrees, NaN when degenerate."""
+    a, b, c, d = (v / 65536 for v in (matrix[0], matrix[1], matrix[3], matrix[4]))
+    scale0, scale1 = math.hypot(a, c), math.hypot(b, d)
+    if scale0 == 0.0 or scale1 == 0.0:
+        return math.nan
+    return -(math.atan2(b / scale1, a / scale0) * 180 / math.pi)
+
+
+def _quarter_turns(stream: Any, frame: Any | None) -> int:
+    """OpenCV 4.8's quarter turns for a PyAV stream: the display matrix PyAV attaches to a decoded frame (PyAV 14 and
+    later), else the stream's own rotation (PyAV 13 and older expose ``av_display_rotation_get`` on the stream)."""
+    for data in getattr(frame, "side_data", None) or ():
+        if str(getattr(data.type, "name", data.type)).endswith("DISPLAYMATRIX"):
+            matrix = np.frombuffer(bytes(data), np.int32)
+            return _opencv_quarter_turns(_display_rotation(matrix)) if matrix.size == 9 else 0
+    side = getattr(stream, "side_data", None)
+    rotation = side.get("DISPLAYMATRIX") if isinstance(side, dict) else None
+    return _opencv_quarter_turns(float(rotation)) if isinstance(rotation, (int, float)) else 0
+
+
+def _first_frame(path: Path, pixels: bool = False) -> tuple[int | None, np.ndarray | None]:
+    """A file's quarter turns, read with PyAV, and where asked its first frame as stored (the reference's colours);
+    (None, None) when PyAV is missing or cannot decode the file."""
+    if not _importable("av"):
+        return None, None
+    import av
+
+    try:
+        with av.open(str(path)) as container:
+            stream = container.streams.video[0]
+            frame = next(container.decode(stream), None)
+            rgb = reference_rgb(frame) if pixels and frame is not None else None
+            return _quarter_turns(stream, frame), rgb
+    except Exception:  # noqa: BLE001 - unreadable for PyAV: the other decoder's frames stand
+        return None, None
+
+
+_TRANSPOSE = {1: PIL.Image.Transpose.ROTATE_90, 2: PIL.Image.Transpose.ROTATE_180, 3: PIL.Image.Transpose.ROTATE_270}
+
+
+def _turn(image: PIL.Image.Image, quarter_turns: int) -> PIL.Image.Image:
+    """``image`` turned counter-clockwise by ``quarter_turns`` quarter turns (a pixel permutation, as cv::rotate)."""
+    return image.transpose(_TRANSPOSE[quarter_turns % 4]) if quarter_turns % 4 else image
+
+
+class _PtsFrames:
+    """PyAV frames found by the timestamp OpenCV reports for the frame it just returned, converted as the reference.
+
+    OpenCV's frame timestamp is the frame's pts, or its packet dts where the pts is missing or 0
+    (cap_ffmpeg_impl.hpp, grabFrame), so the same rule picks the frame here. Frames are asked for in increasing order:
+    decoding goes on from the last one, and seeks back to the keyframe before a frame that is behind or far ahead.
+    """
+
+    FORWARD_S = 2.0  # decode forward rather than seek up to this far ahead
+
+    def __init__(self, path: Path) -> None:
+        import av
+
+        self._container = av.open(str(path))
+        self._stream = self._container.streams.video[0]
+        self._stream.thread_type = PYAV_THREAD_TYPE
+        self._time_base = float(self._stream.time_base or 0)
+        self._start = self._stream.start_time or 0
+        self._frames: Iterator[Any] | None = None
+        self._last: int | None = None
+
+    @staticmethod
+    def _key(frame: Any) -> int | None:
+        return frame.pts if frame.pts not in (None, 0) else frame.dts
+
+    def rgb(self, msec: float) -> np.ndarray | None:
+        if self._time_base <= 0 or not math.isfinite(msec):
+            return None
+        target = self._start + round(msec / 1000 / self._time_base)
+        ahead = self.FORWARD_S / self._time_base
+        try:
+            if self._frames is None or self._last is None or not 0 < target - self._last <= ahead:
+                self._container.seek(max(target, self._start), stream=self._stream, backward=True, any_frame=False)
+                self._frames = self._container.decode(self._stream)
+            for frame in self._frames:
+                key = self._key(frame)
+                if key is None:
+                    continue
+                self._last = key
+                if key == target:
+                    return reference_rgb(frame)
+                if key > target and frame.pts not in (None, 0):
+                    break
+        except Exception:  # noqa: BLE001 - a seek or decoding error: OpenCV's own pixels are kept
+            pass
+        self._frames = None
+        return None
+
+    def close(self) -> None:
+        self._frames = None
+        self._container.close()
+
+
+# --------------------------------------------------------------------------------------------------------------------
 # Video files
 
 
@@ -333,7 +514,7 @@ class _OpenCVReader:
 
     name = "opencv"
 
-    def __init__(self, path: Path, threads: int = 0) -> None:
+    def __init__(self, path: Path, threads: int = 0, *, quarter_turns: int | None = None) -> None:
         import cv2
 
         self._cv2 = cv2
@@ -343,6 +524,13 @@ class _OpenCVReader:
         if not self._cap.isOpened():
             self._cap.release()
             raise MediaError(f"{path} is not a video OpenCV can open")
+        # Whether OpenCV turns frames itself depends on its version (4.8 to 4.10 and 5 do, 4.11 does not find the
+        # display matrix): frames are taken as stored and turned here, the same way whatever the version.
+        if hasattr(cv2, "CAP_PROP_ORIENTATION_AUTO"):
+            self._cap.set(cv2.CAP_PROP_ORIENTATION_AUTO, 0)
+        self._turns = quarter_turns  # found at the first frame read when not given
+        self._recolour: _PtsFrames | bool | None = None  # decided at the first frame read
+        self._own_colour = 0  # frames whose pixels could not be recoloured
         count = self._cap.get(cv2.CAP_PROP_FRAME_COUNT)
         self.frame_count = int(count) if np.isfinite(count) else 0
         self.fps = float(self._cap.get(cv2.CAP_PROP_FPS))
@@ -385,10 +573,45 @@ class _OpenCVReader:
                 yield i, None
                 continue
             self._next = i + 1
-            yield i, _bgr_to_pil(frame)
+            yield i, self._pixels(i, frame)
+
+    def quarter_turns(self) -> int:
+        """The display matrix's quarter turns: PyAV's reading of it, else OpenCV's own (0 where OpenCV 4.11 misses it)."""
+        if self._turns is None:
+            turns = _first_frame(Path(self._path))[0]
+            if turns is None and hasattr(self._cv2, "CAP_PROP_ORIENTATION_META"):
+                turns = _opencv_quarter_turns(-self._cap.get(self._cv2.CAP_PROP_ORIENTATION_META))
+            self._turns = turns or 0
+        return self._turns
+
+    def _pixels(self, index: int, frame: np.ndarray) -> PIL.Image.Image:
+        """OpenCV's frame, or where OpenCV would colour it by the stream's tags, the same frame decoded by PyAV;
+        turned by the display matrix."""
+        return _turn(self._stored_pixels(index, frame), self.quarter_turns())
+
+    def _stored_pixels(self, index: int, frame: np.ndarray) -> PIL.Image.Image:
+        if self._recolour is None:
+            self._recolour = False
+            if _stream_tags_change_colour(Path(self._path)):
+                with contextlib.suppress(Exception):
+                    self._recolour = _PtsFrames(Path(self._path))
+        if self._recolour:
+            rgb = self._recolour.rgb(self._cap.get(self._cv2.CAP_PROP_POS_MSEC))
+            if rgb is not None and rgb.shape == frame.shape:
+                return PIL.Image.fromarray(rgb)
+            if not self._own_colour:
+                warnings.warn(
+                    f"frame {index} of {self._path} keeps OpenCV's colours (PyAV could not find it): OpenCV follows the "
+                    "stream's colour tags where the reference converts with BT.601, so its colours may differ",
+                    stacklevel=2,
+                )
+            self._own_colour += 1
+        return _bgr_to_pil(frame)
 
     def close(self) -> None:
         self._cap.release()
+        if self._recolour:
+            self._recolour.close()
 
 
 def _bgr_to_pil(frame: np.ndarray) -> PIL.Image.Image:
@@ -410,7 +633,9 @@ class _PyAVReader:
 
     name = "pyav"
 
-    def __init__(self, path: Path, threads: int = 0, *, origin: int | None = None) -> None:
+    def __init__(
+        self, path: Path, threads: int = 0, *, origin: int | None = None, quarter_turns: int | None = None
+    ) -> None:
         import av
 
         self._path = path
@@ -452,7 +677,9 @@ class _PyAVReader:
                 origin = self._number(first.pts)
                 self._held, self._next = (0, first), 1
                 self._note_key(0, first)
+                quarter_turns = _quarter_turns(stream, first)
             self.origin = origin
+            self.quarter_turns = quarter_turns if quarter_turns is not None else _first_frame(path)[0] or 0
         except MediaError:
             self._container.close()
             raise
@@ -462,7 +689,7 @@ class _PyAVReader:
 
     def reopen(self, threads: int) -> _PyAVReader:
         """Another decoder on the same file (for a decoding thread), numbering frames like this one."""
-        return _PyAVReader(self._path, threads, origin=self.origin)
+        return _PyAVReader(self._path, threads, origin=self.origin, quarter_turns=self.quarter_turns)
 
     def _number(self, pts: int) -> int:
         # OpenCV's dts_to_frame_number, floor((pts - start_time) * time_base * fps + 0.5), in exact integers.
@@ -528,7 +755,7 @@ class _PyAVReader:
     def _opencv(self) -> _OpenCVReader | None:
         if self._fallback is None and _importable("cv2"):
             with contextlib.suppress(MediaError):
-                self._fallback = _OpenCVReader(self._path, self._threads)
+                self._fallback = _OpenCVReader(self._path, self._threads, quarter_turns=self.quarter_turns)
         return self._fallback
 
     def decodable(self, index: int) -> bool:
@@ -543,7 +770,7 @@ class _PyAVReader:
         for i in indices:
             frame = self._decode(i) if i >= 0 else None
             if frame is not None:
-                yield i, PIL.Image.fromarray(frame.to_ndarray(format="rgb24"))
+                yield i, _turn(PIL.Image.fromarray(reference_rgb(frame)), self.quarter_turns)
                 continue
             fallback = self._opencv()
             yield next(iter(fallback.read([i]))) if fallback is not None else (i, None)
@@ -556,13 +783,17 @@ class _PyAVReader:
             self._fallback.close()
 
 
+class _DecordCannotTurn(MediaError):
+    """decord's frames of a file it turns by 90 degrees are unusable."""
+
+
 class _DecordReader:
     """decord decoder (frame by frame, not ``get_batch``: progress, per-frame failures, bounded memory). It knows the
     keyframes, so a frame costs at most one group of pictures, but each decoded frame costs more CPU than OpenCV's."""
 
     name = "decord"
 
-    def __init__(self, path: Path, threads: int = 0) -> None:
+    def __init__(self, path: Path, threads: int = 0, *, extra_turns: int | None = None) -> None:
         import decord
 
         try:
@@ -571,6 +802,33 @@ class _DecordReader:
             raise MediaError(f"{path} is not a video decord can open: {_first_line(e)}") from e
         self.frame_count = len(self._vr)
         self.fps = float(self._vr.get_avg_fps())
+        # decord 0.6 turns a 90 / 270 degree MP4 / MOV into 4-channel frames of garbage: such a file is left to
+        # PyAV or OpenCV.
+        try:
+            first = self._vr[0] if self.frame_count > 0 else None
+            if first is not None:
+                first = first.asnumpy() if hasattr(first, "asnumpy") else np.asarray(first)
+        except Exception as e:  # noqa: BLE001 - decord's RuntimeError / DECORDError on undecodable data
+            self._vr = None
+            raise MediaError(f"{path} is not a video decord can decode: {_first_line(e)}") from e
+        if first is not None and (first.ndim != 3 or first.shape[2] != 3):
+            self._vr = None
+            raise _DecordCannotTurn(
+                f"decord cannot decode {path} correctly (a video turned by 90 degrees?); use backend='pyav' or 'opencv'"
+            )
+        self.extra_turns = extra_turns if extra_turns is not None else self._extra_turns(path, first)
+
+    @staticmethod
+    def _extra_turns(path: Path, first: np.ndarray | None) -> int:
+        """Quarter turns still to apply to decord's frames: decord turns some files itself (a 180 degree MP4 / MOV,
+        by its own FFmpeg's reading of the container) and not others (MKV), so what it did is found by comparing
+        its first frame with PyAV's, as stored."""
+        turns, stored = _first_frame(path, pixels=True)
+        if not turns or first is None or stored is None:
+            return 0
+        done = [k for k in range(4) if np.rot90(stored, k).shape == first.shape]
+        errors = {k: np.abs(np.rot90(stored, k).astype(np.int16) - first).mean() for k in done}
+        return (turns - min(errors, key=errors.__getitem__)) % 4 if errors else 0
 
     def _decode(self, index: int) -> Any:
         # seek_accurate skips forward inside the current group of pictures and seeks to the keyframe otherwise.
@@ -597,7 +855,8 @@ class _DecordReader:
                 yield i, None
                 continue
             # asnumpy for decord's own arrays; np.asarray when a global decord bridge returns another type.
-            yield i, PIL.Image.fromarray(frame.asnumpy() if hasattr(frame, "asnumpy") else np.asarray(frame))
+            image = PIL.Image.fromarray(frame.asnumpy() if hasattr(frame, "asnumpy") else np.asarray(frame))
+            yield i, _turn(image, self.extra_turns)
 
     def close(self) -> None:
         self._vr = None
@@ -647,13 +906,21 @@ def _open_reader(path: Path, backend: str | None, name: str) -> Iterator[tuple[_
             elif candidate_name == "decord" and have["decord"]:
                 try:
                     candidate = _DecordReader(path)
-                except MediaError:
+                except MediaError as e:
+                    if backend == "decord" and isinstance(e, _DecordCannotTurn):
+                        raise  # forced on such a file: say why rather than that the file looks corrupt
                     failed.append("decord")
                     continue
                 # decord numbers frames its own way when the container's count is missing or wrong; indices must mean
                 # what they mean to the reference's OpenCV, so automatic mode only takes decord when both agree.
                 if backend == "decord" or meta is None or candidate.frame_count == meta.frame_count:
                     reader = candidate
+                    if _stream_tags_change_colour(path):
+                        warnings.warn(
+                            f"decord converts {name} by its colour tags where the reference uses BT.601, so colours "
+                            "differ by up to ~40 levels; use backend='pyav' or the automatic choice",
+                            stacklevel=4,
+                        )
                 else:
                     candidate.close()
             if reader is not None:
@@ -670,6 +937,7 @@ def _open_reader(path: Path, backend: str | None, name: str) -> Iterator[tuple[_
             frame_count = reader.frame_count if reader is not meta else 0
             if frame_count <= 0 and meta is not None:
                 frame_count = meta.count_frames()
+        logger.debug("%s: decoder %s, %d frames at %.3f fps", name, type(reader).__name__.strip("_"), frame_count, fps)
         yield reader, frame_count, fps if np.isfinite(fps) else 0.0
     finally:
         if reader is not None and reader is not meta:
@@ -707,6 +975,27 @@ def _load_file(
 ) -> DecodedVideo:
     if path.stat().st_size == 0:
         raise MediaError(f"video file is empty: {name}; check the file (an interrupted copy or download?)")
+    try:
+        return _decode_file(path, num_frames, fps, backend, progress, transform, name=name)
+    except MediaError as e:
+        # A PDF, a text file, audio...: say what it is rather than that it is a corrupt video. Only asked once the
+        # decoders have failed, so nothing FFmpeg reads (a text playlist, say) is turned away.
+        kind = sniff_file(path)
+        if kind is not None:
+            raise MediaError(unsupported_message(name, kind)) from e
+        raise
+
+
+def _decode_file(
+    path: Path,
+    num_frames: int,
+    fps: float,
+    backend: str | None,
+    progress: bool | None,
+    transform: FrameTransform,
+    *,
+    name: str,
+) -> DecodedVideo:
     with _open_reader(path, backend, name) as (reader, frame_count, video_fps):
         if fps > 0 and video_fps <= 0:
             warnings.warn(
@@ -739,7 +1028,19 @@ def _load_file(
             frame_count = corrected
             indices = sample_indices(frame_count, num_frames, fps=fps, video_fps=video_fps)
         duration = frame_count / video_fps if video_fps > 0 else 0.0
+        if fps <= 0:
+            _warn_repeats(name, frame_count, num_frames)
         return _result(decoded, indices, sorted(failed.intersection(indices)), duration=duration, name=name)
+
+
+def _warn_repeats(name: str, frame_count: int, num_frames: int) -> None:
+    """More frames asked for than there are: uniform sampling repeats frames, as the reference's does."""
+    if 0 < frame_count < num_frames:
+        warnings.warn(
+            f"{name} has {frame_count} frames but {num_frames} were asked for, so frames repeat; "
+            f"ask for at most {frame_count} (num_video_frames / --num-video-frames)",
+            stacklevel=4,
+        )
 
 
 def video_cpus() -> int:
@@ -809,6 +1110,10 @@ def _read_frames(
 def _reopen(reader: _Reader, path: Path, threads: int) -> _Reader:
     if isinstance(reader, _PyAVReader):
         return reader.reopen(threads)
+    if isinstance(reader, _OpenCVReader):
+        return _OpenCVReader(path, threads, quarter_turns=reader.quarter_turns())
+    if isinstance(reader, _DecordReader):
+        return _DecordReader(path, threads, extra_turns=reader.extra_turns)
     return type(reader)(path, threads)
 
 
@@ -820,6 +1125,7 @@ def _result(
         raise MediaError(f"no frame of {name} could be decoded; the file may be truncated or corrupt, re-encode it")
     if failed:
         warnings.warn(f"skipped {len(failed)} frame(s) of {name} that failed to decode: {list(failed)}", stacklevel=3)
+    logger.debug("%s: %d frames decoded (indices %d to %d), %.2f s", name, len(kept), kept[0], kept[-1], duration)
     return DecodedVideo(frames=[decoded[i] for i in kept], indices=kept, duration=float(duration), source=name)
 
 
@@ -827,7 +1133,8 @@ def _result(
 def _progress_bar(total: int, progress: bool | None, desc: str) -> Iterator[Any]:
     from tqdm import tqdm
 
-    show = progress if progress is not None else total > PROGRESS_MIN_FRAMES
+    # By default only on a terminal: in a log file a bar is one long line of carriage returns.
+    show = progress if progress is not None else (total > PROGRESS_MIN_FRAMES and sys.stderr.isatty())
     with tqdm(total=total, desc=desc, unit="frame", file=sys.stderr, disable=not show, leave=False) as bar:
         yield bar
 
@@ -880,7 +1187,7 @@ def _stream(url: str, out: Any, progress: bool | None) -> None:
             length = response.headers.get("Content-Length")
             total = int(length) if length and length.isdigit() else None
             written = 0
-            show = progress is not False
+            show = progress if progress is not None else sys.stderr.isatty()
             with tqdm(
                 total=total,
                 desc="downloading video",

@@ -7,6 +7,8 @@ start/end token embeddings) is prepared once at load.
 
 from __future__ import annotations
 
+import logging
+import os
 import time
 import warnings
 from collections import deque
@@ -23,7 +25,7 @@ from ..cache import FeatureCache, content_digest, media_key
 from ..checkpoint import assign_weights
 from ..config import VilaConfig
 from ..errors import CheckpointError, PromptTooLongError, UsageError, VilaError
-from ..media import Image, Video, load_image
+from ..media import Image, Video, load_image, prompt_part
 from ..preprocess import ImageBatch, frame_transform, preprocess_frames, preprocess_images
 from ..prompt import IMAGE_TOKEN, VIDEO_TOKEN, Template, build_user_text, get_template
 from ..streaming import TextStream, TokenClock
@@ -32,6 +34,7 @@ from ..tokenizer import infer_stop_token_ids, media_token_ids
 from .encoders import encode_images, encode_video, wrap
 from .projector import MultimodalProjector
 
+logger = logging.getLogger(__name__)
 # tokenizer_config.json stores a huge sentinel when no limit was saved.
 _NO_LIMIT = 10**9
 VISION_CHUNK = 32  # tiles per vision-tower forward; bounds activation memory for long videos
@@ -305,12 +308,13 @@ class VilaModel(nn.Module):
                 )
         if all(isinstance(part, str) and not part.strip() for part in parts):
             raise UsageError("the prompt is empty; give some text or at least one image or video")
+        num_frames = num_video_frames or cfg.num_video_frames
+        video_fps = cfg.fps if fps is None else fps
+        self._check_video_positions(sum(isinstance(part, Video) for part in parts), cfg, num_frames, video_fps)
         num_images = sum(isinstance(part, (Image, PIL.Image.Image)) for part in parts)
         # The reference tiles an image only when it is the prompt's only one (spec §3.0).
         plan = _MediaPlan(tiled=num_images == 1 and cfg.image_aspect_ratio in ("dynamic", "dynamic_s2"))
         context = f"{id(self)}|{self.dtype}|{self.device}|{cfg!r}" if cache is not None else ""
-        num_frames = num_video_frames or cfg.num_video_frames
-        video_fps = cfg.fps if fps is None else fps
         for part in parts:
             if isinstance(part, (Image, PIL.Image.Image)):
                 source = part.source if isinstance(part, Image) else part
@@ -378,6 +382,12 @@ class VilaModel(nn.Module):
         input_ids = torch.tensor(self.tokenizer(prompt_text).input_ids, dtype=torch.long)
         inputs_embeds = self._splice(input_ids, image_blocks, video_blocks)
         media_tokens = [b.shape[0] for b in image_blocks] + [b.shape[0] for b in video_blocks]
+        logger.debug(
+            "visual tokens: %s per image, %s per video; %d prompt positions in all",
+            [sum(b.shape[0] for b in item.blocks) for item in plan.images],
+            [item.block.shape[0] for item in plan.videos],
+            inputs_embeds.shape[0],
+        )
         return PreparedPrompt(
             input_ids=input_ids,
             inputs_embeds=inputs_embeds,
@@ -458,9 +468,8 @@ class VilaModel(nn.Module):
         from transformers import GenerationConfig
 
         tok = self.tokenizer
-        if max_new_tokens is None:
-            # The reference's max_length = model_max_length counts the prompt too.
-            max_new_tokens = self.context_length - prompt_len
+        # The reference's max_length = model_max_length counts the prompt too.
+        max_new_tokens = cap_new_tokens(max_new_tokens, self.context_length, prompt_len)
         return GenerationConfig(
             max_new_tokens=max_new_tokens,
             do_sample=do_sample,
@@ -495,8 +504,12 @@ class VilaModel(nn.Module):
         response_format: Any = None,
         cache: FeatureCache | None = None,
         stopping_criteria: Any = None,
+        template: Template | None = None,
     ) -> GenerationResult:
-        """Like :meth:`generate_content`, returning token ids, counts and timings as well."""
+        """Like :meth:`generate_content`, returning token ids, counts and timings as well.
+
+        ``template`` (a :class:`vila.prompt.Template`, e.g. the model's with another system prompt) wins over
+        ``conv_mode``."""
         t_start = time.perf_counter()
         validate_generation_args(max_new_tokens, temperature, top_p, top_k, num_video_frames, fps)
         if video_max_tiles is not None and (not isinstance(video_max_tiles, int) or video_max_tiles < 1):
@@ -504,8 +517,9 @@ class VilaModel(nn.Module):
         json_format = parse_response_format(response_format)  # fail before any media work
         if temperature is not None and temperature == 0:
             do_sample = False
-        template = get_template(conv_mode) if conv_mode else self.template
-        stop_ids = infer_stop_token_ids(self.tokenizer, template) if conv_mode else self.stop_token_ids
+        custom = template is not None or bool(conv_mode)
+        template = template or (get_template(conv_mode) if conv_mode else self.template)
+        stop_ids = infer_stop_token_ids(self.tokenizer, template) if custom else self.stop_token_ids
         turns = to_turns(prompt)
         extra = {"cache": cache} if cache is not None and self.supports_feature_cache else {}
         prepared = self.prepare(
@@ -561,6 +575,45 @@ class VilaModel(nn.Module):
             timings=timings,
         )
 
+    def _check_video_positions(self, num_videos: int, cfg: VilaConfig, num_frames: int, fps: float) -> None:
+        """Raise :class:`PromptTooLongError` before any frame is decoded when the videos alone outgrow the context.
+
+        Uniform sampling returns ``num_frames`` frames whatever the video's length (indices repeat on a short
+        clip, as in the reference), so their positions are known from shapes alone; fps sampling counts one
+        frame. Text and images count nothing here: this only refuses prompts that :meth:`check_fits` would
+        refuse after decoding and encoding every frame (``-nf 500`` on a 3-second clip), unless frames fail
+        to decode.
+        """
+        if num_videos == 0:
+            return
+        positions = self._video_positions(cfg, num_frames if fps <= 0 else 1)
+        if positions is not None and num_videos * positions >= self.context_length:
+            media = ", ".join([str(positions)] * num_videos)
+            raise PromptTooLongError(
+                f"the prompt needs {num_videos * positions} positions (media: {media}) or more but the model's "
+                f"context is {self.context_length}; use fewer video frames (num_video_frames / --num-video-frames) "
+                "or a lower fps"
+            )
+
+    def _video_positions(self, cfg: VilaConfig, num_frames: int) -> int | None:
+        """Positions one video of ``num_frames`` one-tile frames takes, traced with fake tensors (shapes only, no
+        arithmetic); None where the tower cannot be traced that way."""
+        from torch._subclasses.fake_tensor import FakeTensorMode
+
+        def embed(text: str | None) -> torch.Tensor | None:
+            # Only what load already embedded: a fake tensor must never enter the embedding cache.
+            return None if text is None else self._token_embeds.get(text)
+
+        try:
+            pixels = preprocess_frames([PIL.Image.new("RGB", (2, 2))], cfg).to(self.device, self.dtype)
+            with FakeTensorMode(allow_non_fake_inputs=True), torch.no_grad():
+                feats = encode_images(self.vision_tower, self.mm_projector, cfg.vision, pixels[:1])[0]
+                block = encode_video(feats.expand(num_frames, *feats.shape), cfg.video_encoder, embed)
+            return int(block.shape[0])
+        except Exception as e:  # noqa: BLE001 - a tower fake tensors cannot trace: the check after encoding remains
+            logger.debug("video positions not traced: %s", e)
+            return None
+
     def check_fits(self, prepared: PreparedPrompt) -> None:
         """Raise :class:`PromptTooLongError` when the prompt leaves no room for an answer."""
         n = prepared.inputs_embeds.shape[0]
@@ -575,7 +628,9 @@ class VilaModel(nn.Module):
         """Like :meth:`generate_content`, but an iterator over pieces of the answer as they are generated.
 
         The pieces joined equal ``generate_content``'s answer. After the iteration, ``.result`` holds the
-        :class:`GenerationResult` (token ids, timings). Leaving the loop early stops the generation.
+        :class:`GenerationResult` (token ids, timings). Pieces come as soon as tokens decode to whole
+        characters. Generation runs at most one token ahead of the reader; leaving the loop early (or
+        ``close()``, or dropping the stream) stops it within one token.
         """
         if kwargs.get("streamer") is not None:
             raise UsageError("stream_content makes its own streamer; call generate(streamer=...) to use yours")
@@ -647,8 +702,8 @@ class _MaskTail:
 
 def to_turns(prompt: Any) -> list[Turn]:
     """Normalise a prompt (str, one part, a list of parts, or a list of role/content dicts) to turns."""
-    if isinstance(prompt, (str, Image, Video, PIL.Image.Image)):
-        return [Turn("user", [prompt])]
+    if isinstance(prompt, (str, Image, Video, PIL.Image.Image, os.PathLike)):
+        return [Turn("user", [prompt_part(prompt)])]
     if isinstance(prompt, Sequence) and prompt and all(isinstance(t, dict) for t in prompt):
         turns = []
         for t in prompt:
@@ -656,13 +711,31 @@ def to_turns(prompt: Any) -> list[Turn]:
             if role not in ("user", "assistant"):
                 raise UsageError(f"a turn's role must be 'user' or 'assistant', got {t.get('role')!r}")
             content = t.get("content", "")
-            turns.append(Turn(role, list(content) if isinstance(content, (list, tuple)) else [content]))
+            parts = content if isinstance(content, (list, tuple)) else [content]
+            turns.append(Turn(role, [prompt_part(p) for p in parts]))
         if turns[-1].role != "user":
             raise UsageError("the last turn of a conversation must be the user's")
         return turns
     if isinstance(prompt, Sequence):
-        return [Turn("user", list(prompt))]
+        return [Turn("user", [prompt_part(p) for p in prompt])]
     raise UsageError(f"unsupported prompt type {type(prompt).__name__}; pass a string or a list of parts")
+
+
+def cap_new_tokens(max_new_tokens: int | None, context_length: int, prompt_len: int) -> int:
+    """``max_new_tokens``, or what the context leaves after the prompt when that is less (None: all of it).
+    Past the context the model is outside the positions it was trained on and the answer is noise, so a larger
+    request is capped, with a warning (worded the same for every prompt, so it is shown once)."""
+    room = context_length - prompt_len
+    if max_new_tokens is None:
+        return room
+    if max_new_tokens > room:
+        warnings.warn(
+            f"max_new_tokens={max_new_tokens} is more than the model's context ({context_length} positions, "
+            "prompt included) has room for; the answer stops when the context is full",
+            stacklevel=2,
+        )
+        return room
+    return max_new_tokens
 
 
 def validate_generation_args(

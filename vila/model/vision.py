@@ -9,6 +9,7 @@ pooling head are never run).
 from __future__ import annotations
 
 import math
+import sys
 from pathlib import Path
 
 import torch
@@ -131,8 +132,9 @@ def run_tower(tower: nn.Module, pixels: torch.Tensor, chunk: int = 0) -> torch.T
     from tqdm.auto import tqdm
 
     starts = range(0, pixels.shape[0], chunk)
-    # A bar only when encoding takes more than a moment (long videos: hundreds of frames).
-    bar = tqdm(starts, desc="vision encode", unit="chunk", leave=False, disable=len(starts) < PROGRESS_MIN_CHUNKS)
+    # A bar only when encoding takes more than a moment (long videos: hundreds of frames), and only on a terminal.
+    quiet = len(starts) < PROGRESS_MIN_CHUNKS or not sys.stderr.isatty()
+    bar = tqdm(starts, desc="vision encode", unit="chunk", leave=False, disable=quiet, file=sys.stderr)
     return torch.cat([tower(pixels[i : i + chunk]) for i in bar])
 
 

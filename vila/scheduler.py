@@ -1,0 +1,330 @@
+"""One worker thread that owns the model and answers queued requests, batching the ones that can be.
+
+The server's event loop never touches the model: it puts a :class:`Job` in a bounded FIFO queue
+(:meth:`Scheduler.submit` raises :class:`QueueFull` when it is full) and receives the job's events through the
+job's ``on_event`` callback, called from the worker thread: ``("start", None)`` once the prompt is ready
+(errors come before it), ``("delta", text)`` for streamed jobs, then ``("done", Completion)`` or
+``("error", exception)``.
+
+Scheduling: the worker takes the oldest waiting job; if it is greedy (no sampling, no JSON mode) it also
+takes up to ``max_batch_size - 1`` other *waiting* greedy jobs with the same prompt settings, and decodes
+them as one left-padded batch (:func:`vila.batch.generate_batch`, whose answers equal one-by-one answers).
+Everything else runs alone. A running batch admits nobody, so a job waits at most for the jobs queued
+before it, each bounded by its ``max_tokens``. Per-row stopping criteria stream each row's text, apply
+``stop`` strings and cancel a row within one token once its client is gone.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .cache import FeatureCache
+
+logger = logging.getLogger("vila.serve")
+
+
+class QueueFull(Exception):
+    """The queue holds ``max_queue`` waiting jobs already."""
+
+
+@dataclass
+class Completion:
+    text: str
+    num_prompt_tokens: int
+    num_completion_tokens: int
+    finish_reason: str  # "stop" | "length"
+
+
+@dataclass
+class Job:
+    """One request for the worker. ``prompt``: turns for :meth:`VilaModel.generate`; ``settings``: its keyword
+    arguments (``max_new_tokens``, ``temperature``, ``top_p``, ``top_k``, ``seed``, ``response_format``,
+    ``num_video_frames``, ``fps``)."""
+
+    id: str
+    prompt: list[dict[str, Any]]
+    settings: dict[str, Any]
+    on_event: Callable[[str, Any], None]
+    template: Any = None  # a vila.prompt.Template with the request's system prompt, or None
+    stop: tuple[str, ...] = ()
+    stream: bool = False
+    cancelled: bool = False
+    started: bool = field(default=False, repr=False)
+
+    def cancel(self) -> None:
+        """Stop this job (from any thread): dropped if still queued, its row stopped within a token if running."""
+        self.cancelled = True
+
+    @property
+    def batch_key(self) -> tuple[Any, ...] | None:
+        """Jobs with equal keys can share one greedy batch; None: the job runs alone."""
+        s = self.settings
+        if (s.get("temperature") or 0) > 0 or s.get("response_format") is not None:
+            return None
+        return (self.template, s.get("num_video_frames"), s.get("fps"))
+
+    def start(self) -> None:
+        if not self.started:
+            self.started = True
+            self.on_event("start", None)
+
+
+class Scheduler:
+    """The worker thread and its queue (see the module docstring)."""
+
+    def __init__(self, model: Any, *, max_queue: int = 64, max_batch_size: int = 8, cache: FeatureCache | None = None):
+        if max_queue < 1 or max_batch_size < 1:
+            raise ValueError("max_queue and max_batch_size must be positive")
+        self.model = model
+        self.max_queue = max_queue
+        self.max_batch_size = max_batch_size
+        self.cache = cache if cache is not None else FeatureCache(max_items=256, max_bytes=512 << 20)
+        self.batched = model.supports_feature_cache  # models with their own media path run one by one
+        self.running = 0
+        self.largest_batch = 0  # most jobs decoded together so far
+        self._pending: deque[Job] = deque()
+        self._cv = threading.Condition()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._loop, name="vila-serve-worker", daemon=True)
+
+    @property
+    def queued(self) -> int:
+        return len(self._pending)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        with self._cv:
+            self._stopping = True
+            for job in self._pending:
+                job.cancel()
+            self._cv.notify_all()
+        self._thread.join(timeout=30)
+
+    def submit(self, job: Job) -> None:
+        with self._cv:
+            live = [j for j in self._pending if not j.cancelled]
+            if len(live) != len(self._pending):
+                self._pending = deque(live)
+            if len(self._pending) >= self.max_queue:
+                raise QueueFull(f"{len(self._pending)} requests are waiting")
+            self._pending.append(job)
+            self._cv.notify()
+
+    def _take(self) -> list[Job] | None:
+        with self._cv:
+            while not self._pending and not self._stopping:
+                self._cv.wait()
+            if self._stopping:
+                return None
+            head = self._pending.popleft()
+            group = [head]
+            key = head.batch_key
+            if key is not None and self.batched:
+                for job in list(self._pending):
+                    if len(group) >= self.max_batch_size:
+                        break
+                    if job.batch_key == key and not job.cancelled:
+                        group.append(job)
+                        self._pending.remove(job)
+            self.running = len(group)
+            self.largest_batch = max(self.largest_batch, len(group))
+            return group
+
+    def _loop(self) -> None:
+        while True:
+            group = self._take()
+            if group is None:
+                return
+            try:
+                live = [j for j in group if not j.cancelled]
+                if live:
+                    if live[0].batch_key is not None and self.batched:
+                        self._run_batch(live)
+                    else:
+                        self._run_single(live[0])
+            except BaseException as e:  # noqa: BLE001 - the worker must survive anything one request does
+                for job in group:
+                    job.on_event("error", e)
+            finally:
+                self.running = 0
+
+    def _prepare(self, jobs: Sequence[Job]) -> list[tuple[Job, Any]]:
+        """Prepared prompts of ``jobs`` (media through the vision tower together); failures get their error."""
+        from .model.vila import to_turns
+
+        s = jobs[0].settings
+        turns, live = [], []
+        for job in jobs:
+            try:
+                turns.append(to_turns(job.prompt))
+                live.append(job)
+            except Exception as e:  # noqa: BLE001 - reported to that request only
+                job.on_event("error", e)
+        prepared = self.model.prepare_many(
+            turns,
+            template=jobs[0].template,
+            num_video_frames=s.get("num_video_frames"),
+            fps=s.get("fps"),
+            cache=self.cache,
+            return_errors=True,
+        )
+        ready = []
+        for job, p in zip(live, prepared):
+            try:
+                if isinstance(p, Exception):
+                    raise p
+                self.model.check_fits(p)
+                ready.append((job, p))
+            except Exception as e:  # noqa: BLE001 - reported to that request only
+                job.on_event("error", e)
+        return ready
+
+    def _budget(self, job: Job, num_prompt_tokens: int) -> int:
+        room = self.model.context_length - num_prompt_tokens
+        wanted = job.settings.get("max_new_tokens")
+        return min(wanted, room) if wanted else room
+
+    def _run_batch(self, jobs: list[Job]) -> None:
+        from .batch import generate_batch
+
+        ready = self._prepare(jobs)
+        if not ready:
+            return
+        lengths = [p.inputs_embeds.shape[0] for _, p in ready]
+        budgets = [self._budget(job, n) for (job, _), n in zip(ready, lengths)]
+        rows = RowTracker(self.model, [job for job, _ in ready], budgets)
+        for job, _ in ready:
+            job.start()
+        try:
+            generate_batch(self.model, [p for _, p in ready], budgets, stopping_criteria=[rows])
+        except BaseException as e:  # noqa: BLE001 - every request of the batch learns of it
+            for job, _ in ready:
+                job.on_event("error", e)
+            return
+        rows.finish(lengths)
+
+    def _run_single(self, job: Job) -> None:
+        settings = dict(job.settings)
+        budget = settings.get("max_new_tokens")
+        if self.batched:  # the prompt is encoded once here (exact budget, early errors), then hit in the cache
+            ready = self._prepare([job])
+            if not ready:
+                return
+            budget = self._budget(job, ready[0][1].inputs_embeds.shape[0])
+        settings["max_new_tokens"] = budget
+        from transformers import StoppingCriteriaList
+
+        temperature = settings.get("temperature") or 0
+        rows = RowTracker(self.model, [job], [budget])
+        try:
+            result = self.model.generate(
+                job.prompt,
+                do_sample=temperature > 0,
+                template=job.template,
+                cache=self.cache if self.batched else None,
+                stopping_criteria=StoppingCriteriaList([rows]),
+                **settings,
+            )
+        except BaseException as e:  # noqa: BLE001 - reported to the request
+            job.on_event("error", e)
+            return
+        rows.finish([result.num_prompt_tokens])
+
+
+@dataclass
+class _Row:
+    job: Job
+    budget: int | None
+    ids: list[int] = field(default_factory=list)
+    sent: str = ""
+    finish_reason: str | None = None
+    cut: str | None = None  # the answer up to a stop string, once one appeared
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+class RowTracker:
+    """A stopping criterion for ``generate`` that follows each row's new tokens: it streams text deltas,
+    ends a row at a ``stop`` string, at its budget or when its job is cancelled, and makes the final answers
+    (decoded as :meth:`VilaModel.generate` decodes them, cut at a stop string)."""
+
+    def __init__(self, model: Any, jobs: Sequence[Job], budgets: Sequence[int | None]):
+        self.tokenizer = model.tokenizer
+        self.stop_ids = set(model.stop_token_ids)
+        self.rows = [_Row(job, budget) for job, budget in zip(jobs, budgets)]
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        last = input_ids[:, -1].tolist()
+        done = []
+        for row, token in zip(self.rows, last):
+            row.job.start()
+            if not row.finished and not row.job.cancelled:
+                self._step(row, token)
+            done.append(row.finished or row.job.cancelled)
+        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+
+    def _text(self, row: _Row) -> str:
+        return self.tokenizer.decode(row.ids, skip_special_tokens=True).strip()
+
+    def _step(self, row: _Row, token: int) -> None:
+        row.ids.append(token)
+        if token in self.stop_ids:
+            row.finish_reason = "stop"
+            return
+        stops = row.job.stop
+        if row.job.stream or stops:
+            text = self.tokenizer.decode(row.ids, skip_special_tokens=True).lstrip()
+            hits = [i for i in (text.find(s) for s in stops) if i >= 0]
+            if hits:
+                row.cut = text[: min(hits)].strip()
+                row.finish_reason = "stop"
+                return
+            if row.job.stream:
+                self._emit(row, _stable(text, stops))
+        if row.budget is not None and len(row.ids) >= row.budget:
+            row.finish_reason = "length"
+
+    def _emit(self, row: _Row, text: str) -> None:
+        if len(text) > len(row.sent) and text.startswith(row.sent):
+            row.job.on_event("delta", text[len(row.sent) :])
+            row.sent = text
+
+    def finish(self, num_prompt_tokens: Sequence[int]) -> None:
+        """Send each live row's last delta and its :class:`Completion`."""
+        for row, n in zip(self.rows, num_prompt_tokens):
+            if row.job.cancelled:
+                continue
+            text = row.cut if row.cut is not None else self._text(row)
+            if row.job.stream:
+                if text.startswith(row.sent):
+                    self._emit(row, text)
+                else:  # a later token changed how earlier ones decode; what was sent stands
+                    logger.debug("request %s: streamed text diverged from the final decode", row.job.id)
+            reason = row.finish_reason or "length"
+            row.job.on_event("done", Completion(text, n, len(row.ids), reason))
+
+
+def _stable(text: str, stops: Sequence[str]) -> str:
+    """The part of a partial answer that later tokens cannot change: without trailing whitespace (the answer
+    is stripped), an incomplete character, or a tail that may be the start of a stop string."""
+    text = text.rstrip()
+    while text.endswith("\ufffd"):
+        text = text[:-1]
+    hold = 0
+    for s in stops:
+        for k in range(min(len(s) - 1, len(text)), hold, -1):
+            if text.endswith(s[:k]):
+                hold = k
+                break
+    return text[: len(text) - hold].rstrip() if hold else text
