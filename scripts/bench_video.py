@@ -1,8 +1,9 @@
 #!/usr/bin/env python
 """Benchmark `vila.video.load_video` against the reference llava frame loader.
 
-The baseline reproduces the reference (media_loading.md §7.3): OpenCV, the last-frame check, then one
-``cap.set(CAP_PROP_POS_FRAMES, i)`` + ``read()`` per distinct index, ``cvtColor`` and ``PIL.Image.fromarray``.
+The baseline reproduces the reference (``_load_video``, NVlabs/VILA ``llava/utils/media.py``): OpenCV, the
+last-frame check, then one ``cap.set(CAP_PROP_POS_FRAMES, i)`` + ``read()`` per distinct index, ``cvtColor`` and
+``PIL.Image.fromarray``.
 Both loaders sample the same indices (uniform rule) from the same file; every loader runs once to warm up, then
 ``--runs`` times, interleaved so that drift on a shared machine affects both alike. "ours" is measured four ways:
 the automatic backend (PyAV, keyframe-exact seeks, when the file's PyAV metadata agrees with OpenCV's),
@@ -79,7 +80,8 @@ def make_video(seconds: int, width: int, height: int, fps: int) -> Path:
 
 
 def reference_load(path: Path, num_frames: int, transform: Callable | None = None) -> list[PIL.Image.Image]:
-    """The reference llava `_load_video` for fps 0, as in media_loading.md §7.3 (OpenCV seek + read per frame)."""
+    """The reference llava `_load_video` (NVlabs/VILA `llava/utils/media.py`) for fps 0: OpenCV seek + read per
+    frame."""
     import cv2
 
     cap = cv2.VideoCapture(str(path))

@@ -702,10 +702,35 @@ def bench_load(report: Report, root: Path, args: argparse.Namespace, dtype: torc
 # -- sub-benchmark: preprocessing (ours vs the reference's PIL + per-tile numpy) ------------------------------
 
 
+def reference_grid(width: int, height: int, min_num: int, max_num: int, s: int) -> tuple[int, int]:
+    """The reference's choice of tile grid, written out here so that the baseline shares no code with vila:
+    the set of grids of ``dynamic_preprocess`` sorted by area, then the loop of ``find_closest_aspect_ratio``
+    (NVlabs/VILA ``llava/mm_utils.py``). Returns ``(cols, rows)``."""
+    target_ratios = {
+        (i, j)
+        for n in range(min_num, max_num + 1)
+        for i in range(1, n + 1)
+        for j in range(1, n + 1)
+        if i * j <= max_num and i * j >= min_num
+    }
+    target_ratios = sorted(target_ratios, key=lambda x: x[0] * x[1])
+    aspect_ratio = width / height
+    best_ratio_diff = float("inf")
+    best_ratio = (1, 1)
+    area = width * height
+    for ratio in target_ratios:
+        ratio_diff = abs(aspect_ratio - ratio[0] / ratio[1])
+        if ratio_diff < best_ratio_diff:
+            best_ratio_diff = ratio_diff
+            best_ratio = ratio
+        elif ratio_diff == best_ratio_diff and area > 0.5 * s * s * ratio[0] * ratio[1]:
+            best_ratio = ratio
+    return best_ratio
+
+
 def reference_tiles(image: PIL.Image.Image, cfg: Any) -> list[PIL.Image.Image]:
-    """What the reference does (spec image_preprocessing.md §3.3, §3.4): a PIL resize per scale, a PIL crop
-    per tile, a thumbnail for ``dynamic``."""
-    from vila.preprocess import candidate_grids, closest_grid
+    """The reference's ``dynamic_preprocess`` / ``dynamic_s2_preprocess`` (NVlabs/VILA ``llava/mm_utils.py``):
+    a PIL resize per scale, a PIL crop per tile, a thumbnail for ``dynamic``; no vila code."""
 
     def crop(img: PIL.Image.Image, cols: int, rows: int, s: int) -> list[PIL.Image.Image]:
         resized = img.resize((s * cols, s * rows))
@@ -716,20 +741,21 @@ def reference_tiles(image: PIL.Image.Image, cfg: Any) -> list[PIL.Image.Image]:
 
     s = cfg.processor.size
     if cfg.image_aspect_ratio == "dynamic":
-        cols, rows = closest_grid(image.width, image.height, candidate_grids(cfg.min_tiles, cfg.max_tiles), s)
+        cols, rows = reference_grid(image.width, image.height, cfg.min_tiles, cfg.max_tiles, s)
         tiles = crop(image, cols, rows, s)
         return tiles + [image.resize((s, s))] if len(tiles) > 1 else tiles
     scales = cfg.vision.scales
     tiles = []
     for scale in scales[:-1]:
-        tiles += crop(image, scale // s, scale // s, s)
-    cols, rows = closest_grid(image.width, image.height, candidate_grids((scales[-1] // s) ** 2, cfg.max_tiles), s)
+        tiles += crop(image, scale // scales[0], scale // scales[0], s)
+    min_num = (scales[-1] // scales[0]) ** 2  # the largest scale's tile count is the least
+    cols, rows = reference_grid(image.width, image.height, min_num, cfg.max_tiles, s)
     return tiles + crop(image, cols, rows, s)
 
 
 def reference_processor(tile: PIL.Image.Image, proc: Any) -> torch.Tensor:
     """transformers' slow ``SiglipImageProcessor`` on one tile: numpy uint8, PIL resize, float64 rescale cast
-    to float32, float32 normalisation, HWC -> CHW (spec §3.5)."""
+    to float32, float32 normalisation, HWC -> CHW (transformers 4.46, the version the reference pins)."""
     arr = np.array(tile)
     arr = np.array(PIL.Image.fromarray(arr).resize((proc.size, proc.size), resample=proc.resample))
     arr = (arr.astype(np.float64) * proc.rescale_factor).astype(np.float32)
@@ -744,19 +770,17 @@ def reference_preprocess(image: PIL.Image.Image, cfg: Any) -> torch.Tensor:
 
 def resize_floor(image: PIL.Image.Image, cfg: Any) -> None:
     """Only the PIL bicubic resizes that bit-exactness requires: the floor of any preprocessing."""
-    from vila.preprocess import candidate_grids, closest_grid
-
     s = cfg.processor.size
     if cfg.image_aspect_ratio == "dynamic":
-        cols, rows = closest_grid(image.width, image.height, candidate_grids(cfg.min_tiles, cfg.max_tiles), s)
+        cols, rows = reference_grid(image.width, image.height, cfg.min_tiles, cfg.max_tiles, s)
         image.resize((s * cols, s * rows))
         if cols * rows > 1:
             image.resize((s, s))
         return
     for scale in cfg.vision.scales[:-1]:
         image.resize((scale, scale))
-    last = cfg.vision.scales[-1]
-    cols, rows = closest_grid(image.width, image.height, candidate_grids((last // s) ** 2, cfg.max_tiles), s)
+    scales = cfg.vision.scales
+    cols, rows = reference_grid(image.width, image.height, (scales[-1] // scales[0]) ** 2, cfg.max_tiles, s)
     image.resize((s * cols, s * rows))
 
 

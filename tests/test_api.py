@@ -24,7 +24,7 @@ def test_parts_keep_the_users_order(tiny_model):
     img = PIL.Image.new("RGB", (64, 48), (10, 200, 30))
     prepared = model.prepare(to_turns(["Compare", img, "with", vila.Image(DEMO)]))
     assert "<|im_start|>user\nCompare<image>with<image><|im_end|>" in prepared.prompt_text
-    assert prepared.media_tokens == [257, 257]  # two images: one 448 tile each (quirk #3)
+    assert prepared.media_tokens == [257, 257]  # two images: one 448 tile each (the reference tiles only a lone image)
 
 
 def test_pil_and_path_images_are_the_same(tiny_model):
@@ -98,7 +98,8 @@ def test_typed_errors(tmp_path, tiny_model):
 
 
 def test_no_random_rows_in_the_lm_head(tiny_model):
-    """Logits exist only for real token ids; the LLM is never resized (spec §6.7)."""
+    """Logits exist only for real token ids; the LLM is never resized (the reference's
+    ``resize_token_embeddings(len(tokenizer))`` is emulated by masking)."""
     model = tiny_model("nvila-tiny")
     assert model.llm.get_output_embeddings().weight.shape[0] == model.config.llm_vocab_size
     assert model.num_generatable == len(model.tokenizer)
@@ -152,3 +153,9 @@ def test_path_parts_are_media_and_str_parts_are_text(tmp_path, tiny_model):
 
     with pytest.raises(MediaError, match="not found"):
         model.generate([tmp_path / "missing.png", "x"])
+
+
+def test_importing_the_loading_module_never_shadows_vila_load():
+    import vila.loading
+
+    assert callable(vila.load) and vila.load is vila.loading.load

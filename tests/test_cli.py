@@ -36,9 +36,11 @@ def assert_one_line_error(p: subprocess.CompletedProcess, code: int, *needles: s
 
 def test_answer_alone_on_stdout_matches_golden():
     golden = json.loads((GOLDENS / "nvila-tiny" / "demo_image.json").read_text())
+    # The goldens were recorded on the CPU in float32; on a GPU machine the CLI would pick CUDA and bf16.
     p = run(
-        "-m", str(TINY / "nvila-tiny"), "--media", DEMO, "--text", "Please describe the image", "--max-new-tokens", "16"
-    )
+        "-m", str(TINY / "nvila-tiny"), "--device", "cpu", "--media", DEMO, "--text", "Please describe the image",
+        "--max-new-tokens", "16",
+    )  # fmt: skip
     assert p.returncode == 0, p.stderr
     assert p.stdout == golden["generated_text"] + "\n"
 
@@ -49,6 +51,8 @@ def test_vicuna_checkpoint_with_conv_mode_and_placeholder_text():
     p = run(
         "-m",
         str(TINY / "vila15-tiny"),
+        "--device",
+        "cpu",
         "-c",
         "vicuna_v1",
         "--media",

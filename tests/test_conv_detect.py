@@ -1,4 +1,5 @@
-"""Conversation-mode auto-detection for every released family (spec prompt.md §6.4), including renamed copies.
+"""Conversation-mode auto-detection for every released family (the reference's name rule in
+``llava.load``, NVlabs/VILA ``llava/entry.py``), including renamed copies.
 
 The reference only looks at the path string, so a renamed local copy of a VILA1.5 model silently gets the
 wrong template; here the tokenizer decides when the name does not.
@@ -25,7 +26,7 @@ YI = dict(has_chat_template=False, vocab_markers=frozenset({"<|im_start|>"}))  #
 
 RELEASED = [
     ("Efficient-Large-Model/NVILA-8B", QWEN, "auto"),
-    ("Efficient-Large-Model/NVILA-15B", QWEN, "auto"),  # 'nvila-15b' does not contain 'nvila15b' (quirk #8)
+    ("Efficient-Large-Model/NVILA-15B", QWEN, "auto"),  # 'nvila-15b' does not contain 'nvila15b': a substring test
     ("Efficient-Large-Model/NVILA-Lite-2B", QWEN, "auto"),
     ("Efficient-Large-Model/NVILA-Lite-8B", QWEN, "auto"),
     ("Efficient-Large-Model/NVILA-Lite-15B", QWEN, "auto"),
@@ -99,7 +100,7 @@ def test_llama3_by_name_and_renamed(llama3_ckpt, tmp_path):
     m = vila.load(renamed, device="cpu", dtype="float32")
     assert m.conv_mode == "llama_3"
     eot = m.tokenizer.convert_tokens_to_ids("<|eot_id|>")
-    assert eot in m.stop_token_ids  # stop tokens follow the detected template (spec §6.8)
+    assert eot in m.stop_token_ids  # stop tokens follow the detected template (`infer_stop_tokens`)
     prompt = m.prepare(vila.model.vila.to_turns("Hi")).prompt_text
     assert prompt.startswith("<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n")
     assert prompt.endswith("<|start_header_id|>assistant<|end_header_id|>\n\n")
@@ -125,7 +126,7 @@ def test_explicit_conv_mode_wins(tmp_path):
     assert vila.load(path, device="cpu", dtype="float32", conv_mode="hermes-2").conv_mode == "hermes-2"
 
 
-# -- remote-code layout (-hf-preview, model_type "vila"): config.json chat_template (spec prompt.md §6.9) ----------
+# -- remote-code layout (-hf-preview, model_type "vila"): config.json chat_template --------------------------------
 # The Jinja files VILA's converter writes (llava/remote_code/modeling_vila.py, generate_jinja_template).
 VICUNA_JINJA = """{% set system_prompt = "A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, detailed, and polite answers to the user's questions. " %}
 {% set roles = ["user", "assistant"] %}
@@ -183,7 +184,7 @@ def test_remote_code_vicuna_jinja_is_installed_and_reproduced(tmp_path):
     m = vila.load(root, device="cpu", dtype="float32")
     assert m.conv_mode == "auto" and "\n" not in m.tokenizer.chat_template and "    " not in m.tokenizer.chat_template
     prompt = m.prepare(vila.model.vila.to_turns("Describe")).prompt_text
-    # The converted template's quirk: a double space after "USER:" and a space before "ASSISTANT:" (quirk #27).
+    # The converted template's quirk, reproduced: a double space after "USER:" and a space before "ASSISTANT:".
     assert prompt.endswith("the user's questions. USER:  Describe ASSISTANT:")
     assert m.tokenizer.eos_token_id in m.stop_token_ids
     assert not (root / "EXECUTED").exists()  # the shipped .py files are never run
@@ -194,7 +195,7 @@ def test_remote_code_template_beats_the_name_rule(tmp_path):
     m = vila.load(root, device="cpu", dtype="float32")
     assert m.conv_mode == "auto"
     prompt = m.prepare(vila.model.vila.to_turns("Hi")).prompt_text
-    # newlines inside the strings are stripped on load too: spec prompt.md §6.9
+    # the remote code strips newlines on load, also those inside the template's strings
     assert prompt == "<|im_start|>systemAnswer the questions.<|im_end|><|im_start|>userHi<|im_end|>"
 
 

@@ -248,7 +248,8 @@ def test_family_parses_and_builds(family):
         cfg.vision.mm_hidden_size * {"mlp_downsample": 4, "mlp_downsample_2x2_fix": 4}.get(cfg.projector_type, 9)
         == next(p for p in m.mm_projector.parameters()).shape[0]
     )
-    # Values the checkpoint itself records must agree with what we derive (spec checkpoint.md §1.2).
+    # Values the checkpoint itself records must agree with what we derive (the reference overwrites
+    # mm_hidden_size at load, so a mismatch would go unnoticed there).
     if "mm_hidden_size" in top and top is NVILA_8B:
         assert cfg.vision.mm_hidden_size == top["mm_hidden_size"]
     if "hidden_size" in top and family in ("NVILA-8B", "VILA1.5-40b", "VILA1.5-3b"):

@@ -1,4 +1,4 @@
-"""InternViT-6B tower (vision.md §2.5): checkpoint key layout, forward math, layer selection, size, preprocessing."""
+"""InternViT-6B tower (VILA1.5-40b): checkpoint key layout, forward math, layer selection, size, preprocessing."""
 
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
-"""LoRA adapters (spec generation.md §8.7) on the tiny VILA1.5 checkpoint: an adapter in the layout VILA training
-writes (names of the reference's whole model), for the LLM, the vision tower and the projector."""
+"""LoRA adapters (as NVlabs/VILA ``llava/model/builder.py`` loads them) on the tiny VILA1.5 checkpoint: an adapter
+in the layout VILA training writes (names of the reference's whole model), for the LLM, the vision tower and the
+projector."""
 
 from __future__ import annotations
 
@@ -167,7 +168,7 @@ def test_cli_lora_path(adapter, image, tmp_path, capsys):
     folder, _ = adapter
     path = tmp_path / "img.png"
     image.save(path)
-    argv = ["-m", str(BASE), "--lora-path", str(folder), "--media", str(path), "--text", PROMPT_TEXT]
+    argv = ["-m", str(BASE), "--device", "cpu", "--lora-path", str(folder), "--media", str(path), "--text", PROMPT_TEXT]
     assert cli_main([*argv, "--max-new-tokens", "6"]) == 0
     out = capsys.readouterr().out.strip()
     merged = vila.load(BASE, device="cpu", dtype="float32", lora=folder)

@@ -21,7 +21,9 @@ from vila.preprocess import (
     preprocess_images,
 )
 
-# spec image_preprocessing.md §3.3 step 2 and §3.4 step 3
+# The reference's order: `dynamic_preprocess` (NVlabs/VILA `llava/mm_utils.py`) builds a set of grids and sorts it
+# stably by area, so within equal areas the order is CPython's set iteration order (1..12 for `dynamic`, 9..12 for
+# the last scale of `dynamic_s2`).
 ORDER_1_12 = [(1, 1), (1, 2), (2, 1), (3, 1), (1, 3), (2, 2), (4, 1), (1, 4), (5, 1), (1, 5), (1, 6), (6, 1), (3, 2), (2, 3), (7, 1), (1, 7), (4, 2), (2, 4), (1, 8), (8, 1), (1, 9), (3, 3), (9, 1), (2, 5), (5, 2), (10, 1), (1, 10), (11, 1), (1, 11), (12, 1), (3, 4), (4, 3), (1, 12), (6, 2), (2, 6)]  # fmt: skip
 ORDER_9_12 = [(3, 3), (9, 1), (1, 9), (10, 1), (1, 10), (2, 5), (5, 2), (11, 1), (1, 11), (1, 12), (6, 2), (12, 1), (3, 4), (4, 3), (2, 6)]  # fmt: skip
 

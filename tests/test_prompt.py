@@ -80,7 +80,8 @@ def test_stop_tokens(variant, mode, want):
 
 
 def test_llama_tokenizer_keeps_saved_normalizer():
-    """tokenizer.json verbatim: a ▁ after every special token, also before a leading space (spec §6.5)."""
+    """tokenizer.json verbatim: a ▁ after every special token, also before a leading space, as the
+    saved normalizer does."""
     tok = load_tokenizer(TINY / "vila15-tiny" / "llm")
     assert tok.convert_ids_to_tokens(tok("USER: <image>Please").input_ids) == [
         "<s>",
@@ -95,7 +96,7 @@ def test_llama_tokenizer_keeps_saved_normalizer():
         "lease",
     ]
     assert tok.convert_ids_to_tokens(tok("<image> Please").input_ids)[2] == "▁▁P"
-    assert tok("\n").input_ids == [1, 351, 13]  # <s> ▁ <0x0A>: 3 end-token positions (quirk #4)
+    assert tok("\n").input_ids == [1, 351, 13]  # <s> ▁ <0x0A>: 3 end-token positions (BOS included, as the reference)
 
 
 def test_media_tokens_are_single_ids():

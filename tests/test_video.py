@@ -2,7 +2,7 @@
 
 Synthetic videos are written here with OpenCV; frame ``i`` shows the bits of ``i`` as 8 black/white bars, so the
 index of a decoded frame can be read back despite lossy compression. A port of the reference loader
-(media_loading.md §7.3) is the oracle for indices, durations and pixels.
+(``_load_video``, NVlabs/VILA ``llava/utils/media.py``) is the oracle for indices, durations and pixels.
 """
 
 from __future__ import annotations
@@ -73,7 +73,7 @@ def videos(tmp_path_factory) -> dict[str, Path]:
 
 
 def reference_load(path: Path, num_frames: int, fps: float = 0.0) -> tuple[list[int], list[np.ndarray], float]:
-    """The reference llava `_load_video` for a video file (media_loading.md §7.3 step 2), verbatim in spirit."""
+    """The reference llava `_load_video` for a video file (NVlabs/VILA `llava/utils/media.py`), verbatim in spirit."""
     cap = cv2.VideoCapture(str(path))
     video_fps = cap.get(cv2.CAP_PROP_FPS)
     frame_count = int(cap.get(cv2.CAP_PROP_FRAME_COUNT))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import PIL.Image
 import pytest
 import torch
@@ -19,7 +21,8 @@ def frames(n: int) -> list[PIL.Image.Image]:
 
 
 def test_basic_encoder_equals_frames_as_images(tiny_model):
-    """For Basic-encoder checkpoints the project path gives the reference HEAD's embeddings (quirk #1)."""
+    """For Basic-encoder checkpoints the project path gives the reference HEAD's embeddings (HEAD feeds
+    video frames as images, ignoring the video encoder; with the Basic encoder the result is the same)."""
     model = tiny_model("nvila-tiny")
     clip = frames(4)
     as_video = model.prepare(to_turns([vila.Video(clip), "Describe"]), num_video_frames=4)
@@ -49,7 +52,8 @@ def test_embeddings_follow_frames_actually_decoded(tiny_model):
     prepared = model.prepare(to_turns([vila.Video(VIDEO), "x"]), num_video_frames=5, fps=2.0)
     assert prepared.media_tokens == [5 * 257]
     prepared = model.prepare(to_turns([vila.Video(VIDEO), "x"]), num_video_frames=20, fps=1.0)
-    assert prepared.media_tokens == [4 * 257]  # only 4 timestamps in 4 s: no crash (quirk #2)
+    # only 4 timestamps in 4 s: no crash (the reference HEAD emits num_video_frames tokens and fails)
+    assert prepared.media_tokens == [4 * 257]
 
 
 def test_image_and_video_in_one_prompt_still_tiles_the_image(tiny_model):
@@ -75,9 +79,15 @@ def test_prompt_longer_than_context_is_a_clear_error(tiny_model):
 
 
 def test_time_tokens_decoded_in_the_api(tiny_model):
+    """``<tK>`` becomes ``<round(K * duration / 99, 2)>`` seconds of the last video (100 time tokens in this
+    checkpoint), as the reference CLI prints it; tokens past the last become the duration."""
     model = tiny_model("nvila8b-video-tiny")
     assert model.decode_time_tokens("at <t25> and <t99>", [4.0]) == "at <1.01> and <4.0>"
+    assert model.decode_time_tokens("<t0>, <t33>, <t150>", [10.0]) == "<0.0>, <3.33>, <10.0>"
+    assert model.decode_time_tokens("<t50>", [4.0, 9.9]) == "<5.0>"  # the last video's duration
     assert model.decode_time_tokens("at <t25>", []) == "at <t25>"  # no video: untouched
-    plain = model.generate([vila.Video(VIDEO), "When?"], max_new_tokens=16)
-    decoded = model.generate([vila.Video(VIDEO), "When?"], max_new_tokens=16, decode_time_tokens=True)
-    assert decoded.text == model.decode_time_tokens(plain.text, [4.0])
+    # This prompt makes the tiny checkpoint emit one time token; the video lasts 64 frames / 16 fps = 4 s.
+    plain = model.generate([vila.Video(VIDEO), "What happens?"], max_new_tokens=16)
+    assert re.findall(r"<t\d+>", plain.text) == ["<t25>"], plain.text
+    decoded = model.generate([vila.Video(VIDEO), "What happens?"], max_new_tokens=16, decode_time_tokens=True)
+    assert decoded.token_ids == plain.token_ids and decoded.text == plain.text.replace("<t25>", "<1.01>")

@@ -201,7 +201,8 @@ def test_look_close_modes(model, mode):
     result = model.generate(demo_parts(), max_new_tokens=3, num_look_close=1, look_close_mode=mode)
     info = model.last_look_close
     assert info.settings.look_close_mode == mode and info.num_passes == 1
-    assert result.media_tokens == [196 + 160 + 1]  # spec §12.10: NUM_LOOK_CLOSE=1 -> 357
+    # 196 low-res + 160 high-res (budgets of 128 + 512 cells, 4 cells per token) + 1 end token
+    assert result.media_tokens == [196 + 160 + 1]
     assert len(result.token_ids) == 3
     if mode == "after_image":
         assert info.prompt is None and info.top_down_position is None  # PS3's prior prompt, no prompt pass
@@ -315,7 +316,8 @@ def test_cli_bad_environment(env, match):
 
 
 def test_cli_context_length_for_every_model(tiny_model):
-    """quirk #28: the reference CLI raises the tokenizer limit for any model when NUM_LOOK_CLOSE is set."""
+    """The reference CLI raises the tokenizer limit for any model when NUM_LOOK_CLOSE is set
+    (``configure_ps3_and_context_length`` runs for every model)."""
 
     class Tok:
         model_max_length = 8192

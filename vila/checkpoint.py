@@ -1,4 +1,5 @@
-"""Model path or Hugging Face hub id -> a local checkpoint folder (spec checkpoint.md §1.4).
+"""Model path or Hugging Face hub id -> a local checkpoint folder, resolved as the reference's
+``llava.load`` does (NVlabs/VILA ``llava/entry.py``).
 
 Nothing downloaded is executed: ``*.py`` files are never fetched, and weights are read from safetensors.
 """
@@ -53,7 +54,7 @@ def resolve_checkpoint(
 def _checkpoint_root(path: Path) -> Path:
     if not path.is_dir():
         raise CheckpointError(f"{path} is a file; pass the checkpoint folder that holds config.json")
-    # Training output directories nest everything under model/ (spec §1.4 step 3).
+    # Training output directories nest everything under model/, and the reference's `load` looks there first.
     if (path / "model").is_dir():
         path = path / "model"
     if not (path / "config.json").exists():

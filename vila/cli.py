@@ -484,7 +484,8 @@ PS3_ENV = {
 
 
 def ps3_settings(args: argparse.Namespace, environ: Any = None) -> tuple[dict[str, Any], bool]:
-    """The VILA-HD settings from the flags, else the reference's environment variables (spec cli_api.md §9.2).
+    """The VILA-HD settings from the flags, else the environment variables the reference CLI reads
+    (NVlabs/VILA ``llava/cli/infer.py``, ``configure_ps3_and_context_length``).
 
     Returns the ``generate`` keyword arguments and whether any came from a flag. Checked before loading.
     """
@@ -526,8 +527,9 @@ def ps3_settings(args: argparse.Namespace, environ: Any = None) -> tuple[dict[st
 
 
 def apply_ps3_settings(model: Any, settings: dict[str, Any], from_flags: bool) -> dict[str, Any]:
-    """Announce the settings and raise the context length as the reference CLI does, for every model (quirk #28);
-    returns the keyword arguments for ``generate`` (VILA-HD models only)."""
+    """Announce the settings and raise the context length as the reference CLI does: its
+    ``configure_ps3_and_context_length`` runs for every model, so the PS3 variables raise the default
+    ``max_length`` even of non-PS3 models. Returns the keyword arguments for ``generate`` (VILA-HD models only)."""
     from .model.vila_hd import VilaHDModel, context_floor
 
     for key, value in settings.items():

@@ -3,7 +3,7 @@
 The reference keeps a loose ``LlavaConfig`` whose attributes are read all over the model code. Here the
 top-level ``config.json``, ``vision_tower/config.json``, ``vision_tower/preprocessor_config.json`` and
 ``mm_projector/config.json`` become frozen dataclasses at the edge; the model code never reads JSON.
-Defaults are those of the reference's ``LlavaConfig`` (spec checkpoint.md §1.2).
+Defaults are those of the reference's ``LlavaConfig`` (NVlabs/VILA ``llava/model/configuration_llava.py``).
 """
 
 from __future__ import annotations
@@ -87,7 +87,8 @@ class ProcessorConfig:
             )
         if ptype == "PS3ImageProcessor":
             # Squash resize to `image_size`; mean/std from its own `mean`/`std` keys, else the OpenAI CLIP
-            # constants (spec vila_hd.md §12.1). ToTensor + Normalize equal the SigLIP path bit for bit.
+            # constants, as `ps3-torch`'s PS3ImageProcessor does. ToTensor + Normalize equal the SigLIP path
+            # bit for bit.
             side = d.get("image_size") or default_size
             side = side[0] if isinstance(side, (list, tuple)) else side
             mean = d.get("mean") or (0.48145466, 0.4578275, 0.40821073)
@@ -138,7 +139,8 @@ class VisionConfig:
 
     @property
     def mm_hidden_size(self) -> int:
-        """Channels the projector sees: tower width times the number of S2 scales (spec checkpoint.md §1.2)."""
+        """Channels the projector sees: tower width times the number of S2 scales, as the reference overwrites
+        ``mm_hidden_size`` at load."""
         return self.hidden_size * self.num_scales
 
     @property
@@ -155,7 +157,7 @@ class VisionConfig:
 
 @dataclass(frozen=True)
 class TopDownConfig:
-    """VILA-HD (``llava_topdown_llama`` + PS3 tower) settings of ``config.json`` (spec vila_hd.md §12.1). The
+    """VILA-HD (``llava_topdown_llama`` + PS3 tower) settings of ``config.json``. The
     PS3 tower's own settings are parsed from ``vision.raw`` by :mod:`vila.model.ps3`."""
 
     look_close_mode: str | None  # "after_prompt" | "after_image" | None (generation then needs one)
@@ -249,7 +251,8 @@ def parse_scales(value: Any) -> tuple[int, ...]:
 
 
 def vision_kind(vision_cfg: dict[str, Any], top: dict[str, Any]) -> str:
-    """The reference's tower rule (spec checkpoint.md §1.3 item 3)."""
+    """The reference's tower rule (``build_vision_tower``, NVlabs/VILA ``llava/model/multimodal_encoder/builder.py``):
+    ``ps3`` in the config, else a substring of the lower-cased ``architectures[0]``."""
     if top.get("ps3"):
         return "ps3"
     archs = vision_cfg.get("architectures") or [vision_cfg.get("model_type", "")]
@@ -266,7 +269,8 @@ def vision_kind(vision_cfg: dict[str, Any], top: dict[str, Any]) -> str:
 
 
 def check_model_type(top: dict[str, Any], where: Path | str) -> str:
-    """The reference's ``is_mm_model`` test plus the layouts we know but cannot run (spec checkpoint.md §1.1)."""
+    """The reference's ``is_mm_model`` test (NVlabs/VILA ``llava/model/utils/utils.py``) plus the layouts we
+    know but cannot run."""
     model_type = str(top.get("model_type", ""))
     archs = [str(a) for a in top.get("architectures") or []]
     if model_type in ("nvila", "nvila_lite"):
@@ -325,7 +329,7 @@ def config_from_dicts(
 ) -> VilaConfig:
     """A :class:`VilaConfig` from config dicts alone (no files): used by :mod:`vila.meta` to check shapes of
     published configs. A component config left out is taken from the dict the top-level config embeds
-    (``llm_cfg`` / ``vision_tower_cfg`` / ``mm_projector_cfg``, spec checkpoint.md §1.2)."""
+    (``llm_cfg`` / ``vision_tower_cfg`` / ``mm_projector_cfg``, saved by the reference's ``LlavaConfig``)."""
     check_model_type(top, root)
 
     def embedded(given: dict[str, Any] | None, key: str) -> dict[str, Any]:
@@ -370,7 +374,8 @@ def config_from_dicts(
         raw=vision_cfg,
     )
 
-    # S2 towers see the largest scale, Dynamic-S2 tiles are the smallest scale (spec vision.md §2.3, §2.4).
+    # S2 towers see the largest scale, Dynamic-S2 tiles are the smallest scale: the reference's towers overwrite
+    # the processor size at load, whatever preprocessor_config.json says.
     processor = ProcessorConfig.from_dict(pre, default_size=image_size)
     if dynamic_s2:
         processor = replace(processor, size=scales[0])

@@ -121,7 +121,8 @@ def plan_placement(
 
     The vision tower and projector live on the first device (where the LLM's embeddings are); with several GPUs
     accelerate shards the LLM over them. ``devices=[0, 1]`` is the reference's shortcut for
-    ``device_map="auto"`` plus ``max_memory`` = each listed GPU's full memory (spec cli_api.md §9.3).
+    ``device_map="auto"`` plus ``max_memory`` = each listed GPU's full memory (``llava.load``, NVlabs/VILA
+    ``llava/entry.py``).
     """
     if device is not None and (device_map is not None or devices is not None or max_memory is not None):
         raise UsageError("pass either device or device_map/devices/max_memory, not both")

@@ -110,7 +110,7 @@ def load(
         first = llm.get_input_embeddings().weight.device
         if first.type == "meta":  # embeddings offloaded to disk by accelerate: keep the vision side on the device
             first = dev
-        if cfg.top_down is not None:  # VILA-HD: PS3 tower + top-down projector (spec vila_hd.md)
+        if cfg.top_down is not None:  # VILA-HD: PS3 tower + top-down projector
             from .model.vila_hd import load_vila_hd
 
             model = load_vila_hd(cfg, tokenizer, llm, dt, first, conv_mode)
@@ -210,10 +210,11 @@ def remote_chat_template(cfg: VilaConfig) -> tuple[str | None, str | None]:
     """``(jinja text, conv mode)`` named by a remote-code (``-hf-preview``, model_type ``vila``) config.
 
     Converted VILA1.5 checkpoints store a conv-mode name in ``config.json`` ``chat_template`` and the Jinja file
-    ``<root>/<name>.jinja``, which the remote code installs after removing every 4-space run and newline (spec
-    prompt.md §6.9, quirk #27; its output differs slightly from the legacy template and is reproduced). Only the
-    Jinja text is used; the shipped ``.py`` files are never read. Without the file, a known conv-mode name
-    selects that legacy template.
+    ``<root>/<name>.jinja``, which the remote code installs after removing every 4-space run and newline
+    (``build_llm_and_tokenizer``, NVlabs/VILA ``llava/remote_code/builder.py``; its output differs slightly from
+    the legacy template, e.g. a double space after ``USER:``, and is reproduced). Only the Jinja text is used;
+    the shipped ``.py`` files are never read. Without the file, a known conv-mode name selects that legacy
+    template.
     """
     if cfg.model_type != "vila":
         return None, None

@@ -1,4 +1,5 @@
-"""LoRA adapters trained with VILA (``--lora_enable``), applied through ``peft`` (spec generation.md §8.7).
+"""LoRA adapters trained with VILA (``--lora_enable``), applied through ``peft``, as the reference's
+``load_pretrained_model`` (NVlabs/VILA ``llava/model/builder.py``) does.
 
 A VILA adapter folder holds ``adapter_config.json`` and ``adapter_model.safetensors`` (or ``.bin``), with tensor
 names of the reference's whole model: ``base_model.model.llm.model.layers.0.self_attn.q_proj.lora_A.weight``,
@@ -74,7 +75,7 @@ def _load_tensors(folder: Path, stems: tuple[str, ...]) -> dict[str, torch.Tenso
 
 def _strip_peft_prefix(key: str) -> str:
     # PeftModel saves names under base_model.model.; non_lora_trainables drop 'base_model.' (and a 'model.'
-    # when names start with 'model.model.'), spec generation.md §8.7.
+    # when names start with 'model.model.'), as the reference's `load_pretrained_model` strips them.
     for prefix in ("base_model.model.", "base_model."):
         if key.startswith(prefix):
             return key[len(prefix) :]

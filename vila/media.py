@@ -1,7 +1,8 @@
 """Media parts of a prompt (`Image`, `Video`) and image decoding.
 
-Images are decoded exactly as the reference does: PIL, no EXIF transposition, ``convert("RGB")`` (alpha is
-dropped, palettes expanded; spec quirks #18). Video decoding lives in :mod:`vila.video`.
+Images are decoded exactly as the reference does (``_extract_image``, NVlabs/VILA ``llava/utils/media.py``): PIL,
+no EXIF transposition, ``convert("RGB")`` (alpha is dropped, palettes expanded). Video decoding lives in
+:mod:`vila.video`.
 """
 
 from __future__ import annotations

@@ -82,8 +82,8 @@ def build_vision(cfg: VilaConfig) -> tuple[nn.Module, str]:
         hf_cfg = SiglipVisionConfig(**{k: v for k, v in raw.items() if k not in ("architectures", "_name_or_path")})
         with torch.device("meta"):
             model = SiglipVisionModel(hf_cfg)
-        # transformers 5.x drops the `vision_model.` level from the module tree but the released files keep it
-        # (spec checkpoint.md §1.3 notes).
+        # transformers 5.x drops the `vision_model.` level from the module tree but the released files keep it,
+        # and `from_pretrained` still loads those keys without renaming.
         return model, "vision_model."
     if cfg.vision.kind == "intern":
         from .model.intern_vit import InternVisionConfig, InternVisionModel

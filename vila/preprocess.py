@@ -1,6 +1,7 @@
 """Image preprocessing: pure functions from PIL images to normalised pixel tensors.
 
-Everything here reproduces the reference bit for bit (spec image_preprocessing.md): Pillow's default
+Everything here reproduces the reference bit for bit (NVlabs/VILA ``llava/mm_utils.py``: ``process_image``,
+``dynamic_preprocess``, ``dynamic_s2_preprocess``; the slow ``SiglipImageProcessor``): Pillow's default
 bicubic resize of the *original* image for every scale and thumbnail, the InternVL tile-grid search with
 its tie rule and set-iteration candidate order, and the SigLIP processor's float64 rescale followed by a
 float32 normalisation.
@@ -52,7 +53,8 @@ def candidate_grids(min_num: int, max_num: int) -> tuple[Grid, ...]:
     """Tile grids ``(cols, rows)`` with ``min_num <= cols*rows <= max_num``, in the reference's order.
 
     The reference builds a Python set and sorts it stably by area, so within equal areas the order is
-    CPython's set iteration order; building the very same set reproduces it (spec §3.3 step 2, quirk #12).
+    CPython's set iteration order (``dynamic_preprocess`` in NVlabs/VILA ``llava/mm_utils.py``); building the
+    very same set reproduces it.
     """
     grids = {
         (i, j)
@@ -66,7 +68,8 @@ def candidate_grids(min_num: int, max_num: int) -> tuple[Grid, ...]:
 
 def closest_grid(width: int, height: int, grids: tuple[Grid, ...], tile: int) -> Grid:
     """The grid whose aspect ratio is closest to the image's; a later grid wins an exact tie only when the
-    image area exceeds half of the grid's pixel area (spec §3.3 step 3)."""
+    image area exceeds half of the grid's pixel area (``find_closest_aspect_ratio`` in NVlabs/VILA
+    ``llava/mm_utils.py``; the released models were trained with this rule)."""
     aspect = width / height
     best, best_diff = (1, 1), float("inf")
     for cols, rows in grids:
@@ -247,7 +250,8 @@ class ImageBatch:
 
 
 def preprocess_images(images: list[PIL.Image.Image], cfg: VilaConfig) -> ImageBatch:
-    """Apply the reference's per-prompt decision (spec §3.0): tiling only for a single image."""
+    """Apply the reference's per-prompt decision (``generate_content``, NVlabs/VILA ``llava/model/llava_arch.py``):
+    tiling only for a single image; any other image is resized to one tile."""
     proc, mode = cfg.processor, cfg.image_aspect_ratio
     # Tiles are cut at the processor's size, so its own resize is a no-op and they go straight to normalize.
     if len(images) == 1 and mode == "dynamic":
@@ -284,10 +288,11 @@ def frame_transform(cfg: VilaConfig) -> Callable[[PIL.Image.Image], PIL.Image.Im
 def preprocess_frames(frames: list[PIL.Image.Image], cfg: VilaConfig) -> torch.Tensor:
     """Video frames -> ``(T', 3, s, s)``.
 
-    By default each frame is one tile, like an image of a multi-image prompt (spec §5.8 item 4). With
-    ``video_max_tiles > 1`` dynamic-resolution models tile every frame (spec §7.4): ``dynamic`` with at most
-    ``video_max_tiles`` tiles, ``dynamic_s2`` with the image tiler (whose limit is ``max_tiles``, quirk #22);
-    the tiles of all frames are then encoded as independent frames, as in the reference.
+    By default each frame is one tile, like an image of a multi-image prompt, as the reference's video path
+    preprocesses frames. With ``video_max_tiles > 1`` dynamic-resolution models tile every frame, as its
+    ``generate_content`` does: ``dynamic`` with at most ``video_max_tiles`` tiles, ``dynamic_s2`` with the image
+    tiler (whose limit stays ``max_tiles``: ``dynamic_s2_preprocess`` ignores the per-call limit); the tiles of all
+    frames are then encoded as independent frames, as in the reference.
     """
     proc, mode = cfg.processor, cfg.image_aspect_ratio
     if cfg.video_max_tiles > 1 and mode == "dynamic":

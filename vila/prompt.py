@@ -1,4 +1,5 @@
-"""Conversation templates, prompt rendering and conversation-mode detection (spec prompt.md).
+"""Conversation templates, prompt rendering and conversation-mode detection (NVlabs/VILA
+``llava/conversation.py``, ``llava/utils/tokenizer.py``).
 
 Templates are immutable values passed to whoever renders a prompt; nothing here is global state (the
 reference mutates a module-level ``default_conversation``).
@@ -100,8 +101,9 @@ TEMPLATES: dict[str, Template] = {
 ALIASES = {"v1": "vicuna_v1", "hermes_2": "hermes-2", "llama3": "llama_3"}
 CONV_MODES = tuple(sorted(set(TEMPLATES) | set(ALIASES)))
 
-# The reference's name-based detection: first key that is a substring of the lower-cased path wins
-# (spec prompt.md §6.4, quirk #8). Kept in this order.
+# The reference's name-based detection (`llava.load`, NVlabs/VILA `llava/entry.py`): the first key that is a
+# substring of the whole lower-cased path wins, parent folders included, so 'nvila15b' never matches 'NVILA-15B'.
+# Kept in this order.
 NAME_RULES = (
     ("nvila15b", "vicuna_v1"),
     ("vila1.5-3b", "vicuna_v1"),
@@ -174,7 +176,8 @@ def detect_conv_mode(
 
 
 def build_user_text(parts: Sequence[Any], is_text: Any, media_token: Any) -> str:
-    """Concatenate prompt parts without separators (quirk #17).
+    """Concatenate prompt parts without separators, as the reference's ``extract_media`` does
+    (NVlabs/VILA ``llava/utils/media.py``).
 
     ``is_text(part)`` says whether a part is text; ``media_token(part)`` gives a media part's token. A text
     part containing media tokens loses them and is stripped, as in the reference.

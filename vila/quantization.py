@@ -1,5 +1,5 @@
-"""8-/4-bit LLM weights through bitsandbytes (spec generation.md §8.7: new in this library, the reference's
-multimodal path crashes on it).
+"""8-/4-bit LLM weights through bitsandbytes (new in this library: the reference's multimodal path crashes on
+it, since ``load_pretrained_model`` in NVlabs/VILA ``llava/model/builder.py`` loses the ``torch_dtype`` argument).
 
 Only the LLM is quantised; the vision tower and projector stay in 16-bit (the reference casts them to fp16),
 since they are a small part of the weights and sensitive to rounding. The 4-bit recipe is the reference's:

@@ -1,4 +1,6 @@
-"""The checkpoint tokenizer, loaded verbatim, plus media tokens and stop tokens (spec prompt.md §6.5–6.8)."""
+"""The checkpoint tokenizer, loaded verbatim, plus media tokens and stop tokens (NVlabs/VILA
+``llava/model/language_model/builder.py``, ``build_llm_and_tokenizer``; ``llava/utils/tokenizer.py``,
+``infer_stop_tokens``)."""
 
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ def load_tokenizer(llm_dir: Path) -> Any:
     """Load ``llm/tokenizer.json`` exactly as saved and add the media tokens.
 
     transformers 5.x ``AutoTokenizer`` rebuilds Llama/SentencePiece tokenizers and drops the saved
-    normalizer, which removes the ``▁`` after every special token and shifts all later ids (spec §6.5);
+    normalizer, which removes the ``▁`` after every special token and shifts all later ids;
     ``PreTrainedTokenizerFast`` runs the saved pipeline unchanged.
     """
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
@@ -34,7 +36,8 @@ def load_tokenizer(llm_dir: Path) -> Any:
         raise CheckpointError(f"cannot load the tokenizer from {path}: {e}") from e
     if tok.eos_token is None:
         raise CheckpointError(f"the tokenizer in {path} has no EOS token; generation could never stop")
-    # Same order as the reference, so a tokenizer without them gets the same new ids (spec §6.7).
+    # Same order as the reference (the sentinel first, for stop-token inference, then the media tokens), so a
+    # tokenizer without them gets the same new ids.
     tok.add_tokens([SENTINEL_TOKEN, IMAGE_TOKEN, VIDEO_TOKEN], special_tokens=True)
     return tok
 
@@ -44,7 +47,8 @@ def media_token_ids(tok: Any) -> dict[str, int]:
 
 
 def infer_stop_token_ids(tok: Any, template: Template) -> tuple[int, ...]:
-    """The tokens that follow an assistant turn in this template, plus EOS (spec §6.8)."""
+    """The tokens that follow an assistant turn in this template, plus EOS (the reference's
+    ``infer_stop_tokens``, NVlabs/VILA ``llava/utils/tokenizer.py``)."""
     stops = {tok.eos_token}
     if template.style != "plain":  # plain has no turn terminator (the reference crashes here)
         turns = [("user", "question"), ("assistant", SENTINEL_TOKEN)] * _DUMMY_TURNS

@@ -1,7 +1,7 @@
 """Video frame sampling and decoding, and the CLI's time-token rewrite.
 
-Frames are chosen exactly as the reference llava loader chooses them (media_loading.md §7.3 steps 1-2, the project
-path of media_encoders.md §5.8): uniform ``round(linspace(0, n - 1, num_frames))`` or, with ``fps > 0``, timestamp
+Frames are chosen exactly as the reference llava loader chooses them (``_load_video``, NVlabs/VILA
+``llava/utils/media.py``): uniform ``round(linspace(0, n - 1, num_frames))`` or, with ``fps > 0``, timestamp
 sampling; the frame count is the last decodable frame, as the reference finds it. What differs is how the frames are
 decoded: only the distinct sampled frames, in index order, by PyAV seeking to the keyframe at or before each frame (an
 OpenCV seek restarts decoding at the keyframe before ``i - 16``) and decoding forward inside a group of pictures
@@ -75,7 +75,7 @@ class DecodedVideo:
 
     frames: list[PIL.Image.Image]  # RGB, in sampled order; a repeated index repeats the same frame object
     indices: list[int]  # frame index of each entry of ``frames``
-    duration: float  # seconds: frame_count / fps (§7.3 c); 0.0 when the fps is unknown and for frame dirs / lists
+    duration: float  # seconds: frame_count / fps; 0.0 when the fps is unknown and for frame dirs / lists
     source: str  # printable description
 
 
@@ -84,7 +84,7 @@ class DecodedVideo:
 
 
 def sample_indices(frame_count: int, num_frames: int, *, fps: float = 0.0, video_fps: float = 0.0) -> list[int]:
-    """The reference's frame indices (§7.3 step 2d), numpy formulas kept verbatim so rounding matches exactly.
+    """The reference's frame indices (``_load_video``), numpy formulas kept verbatim so rounding matches exactly.
 
     ``fps > 0``: timestamps ``arange(0, frame_count / video_fps, 1 / fps)[:num_frames]``, index ``int(t * video_fps)``
     (empty when ``video_fps`` is unknown, as in the reference). Otherwise ``round(linspace(0, frame_count - 1,
@@ -102,7 +102,8 @@ def sample_indices(frame_count: int, num_frames: int, *, fps: float = 0.0, video
 
 
 def last_decodable_count(decodable: Callable[[int], bool], frame_count: int) -> int:
-    """The largest ``n <= frame_count`` whose frame ``n - 1`` decodes, 0 if none (§7.3 step 2b).
+    """The largest ``n <= frame_count`` whose frame ``n - 1`` decodes, 0 if none: the reference trusts no
+    container frame count until its last frame grabs.
 
     The reference decrements one frame at a time; galloping down and then bisecting gives the same answer (frames
     decode up to some point and not after it) in a logarithmic number of seeks when the container's count is far off.
@@ -137,13 +138,13 @@ def natural_key(name: str) -> list[Any]:
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Time tokens (CLI only, §7.6)
+# Time tokens (CLI only, as NVlabs/VILA ``llava/cli/infer.py``)
 
 _OUT_OF_RANGE_TIME_TOKEN = re.compile(r"<t(\d+)>")
 
 
 def rewrite_time_tokens(text: str, *, duration: float, num_time_tokens: int, time_token_format: str) -> str:
-    """Replace time tokens by timestamps in seconds, as the reference CLI prints them (media_loading.md §7.6).
+    """Replace time tokens by timestamps in seconds, as the reference CLI prints them (``llava/cli/infer.py``).
 
     Token ``k`` becomes ``"<" + str(round(k * duration / (N - 1), 2)) + ">"`` (plain sequential ``str.replace`` in
     token order, like the reference), then every ``<tK>`` with ``K >= N`` (hard-coded spelling, whatever the format)
@@ -281,7 +282,8 @@ def _load_frame_dir(directory: Path, num_frames: int, progress: bool | None, tra
 def _load_sequence(
     items: Sequence[Any], num_frames: int, progress: bool | None, transform: FrameTransform, name: str
 ) -> DecodedVideo:
-    """Frames given one by one (images of a directory, PIL images, arrays): uniform rule, fps ignored (§7.3 step 1)."""
+    """Frames given one by one (images of a directory, PIL images, arrays): uniform rule, fps ignored, as the
+    reference does for a directory of frames."""
     indices = sample_indices(len(items), num_frames)
     if not indices:
         raise MediaError(f"{name} holds no frames; pass at least one frame")
@@ -537,7 +539,7 @@ class _OpenCVReader:
         self._next = 0  # index the next grab() returns; None when unknown (after a failure)
 
     def decodable(self, index: int) -> bool:
-        """The reference's check: seek to ``index`` and grab (§7.3 step 2b)."""
+        """The reference's check: seek to ``index`` and grab."""
         self._cap.set(self._cv2.CAP_PROP_POS_FRAMES, index)
         ok = bool(self._cap.grab())
         self._next = index + 1 if ok else None
@@ -1005,7 +1007,7 @@ def _decode_file(
             fps = 0.0
         indices = sample_indices(frame_count, num_frames, fps=fps, video_fps=video_fps)
         if indices and frame_count - 1 not in indices:
-            # The frame count check of §7.3 b; when the last frame is sampled, decoding it below is the check.
+            # The reference's last-decodable-frame check; when the last frame is sampled, decoding it is the check.
             frame_count = last_decodable_count(reader.decodable, frame_count)
             indices = sample_indices(frame_count, num_frames, fps=fps, video_fps=video_fps)
         decoded: dict[int, PIL.Image.Image] = {}

@@ -1,4 +1,5 @@
-"""From pixels to the embedding blocks that replace media tokens (spec media_encoders.md).
+"""From pixels to the embedding blocks that replace media tokens (NVlabs/VILA ``llava/model/encoders/``:
+``BasicImageEncoder``, ``BasicVideoEncoder``, ``TSPVideoEncoder``).
 
 ``encode_images`` joins tower, multi-scale merge and projector. The image encoder wraps each image's
 projected tokens with the start/end token embeddings; the video encoders do the same per frame (Basic) or
@@ -39,7 +40,8 @@ def encode_images(
     if vision.dynamic_s2:
         blocks = block_sizes if block_sizes is not None else [None] * pixels.shape[0]
         maps, new_blocks = merge_dynamic_s2(run_tower(tower, pixels, chunk), blocks, vision)
-        # Project per 448 tile, then re-merge so tokens run in raster order over the whole grid (quirk #16).
+        # Project per 448 tile, then re-merge so tokens run in raster order over the whole grid, not tile by
+        # tile, as the reference's `encode_images` does.
         tiles = torch.cat([map_to_tokens(split_chessboard(m, r, c)) for m, (r, c) in zip(maps, new_blocks)])
         projected = projector(tiles)  # (sum r*c, h*w, D)
         out, pos = [], 0

@@ -1,4 +1,5 @@
-"""InternViT-6B, the vision tower of VILA1.5-40b (spec: vision.md §2.5).
+"""InternViT-6B, the vision tower of VILA1.5-40b (selected when ``vision_tower/config.json``
+names an ``intern`` architecture).
 
 A compact re-implementation of the reference ``InternVisionModel`` (NVlabs/VILA
 ``llava/model/multimodal_encoder/intern/modeling_intern_vit.py``). Module attribute names mirror the reference, so

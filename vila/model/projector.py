@@ -1,4 +1,5 @@
-"""Multimodal projectors, chosen by ``mm_projector_type`` (spec projector.md).
+"""Multimodal projectors, chosen by ``mm_projector_type`` (NVlabs/VILA
+``llava/model/multimodal_projector/base_projector.py``, ``MultimodalProjector``).
 
 The module is an ``nn.Sequential`` stored as ``layers`` so that parameter names equal the checkpoint's
 (``layers.{i}.weight``); parameter-free modules keep their positional index.
@@ -17,8 +18,8 @@ from ..errors import UnsupportedModelError
 def _pad_grid(x: torch.Tensor, multiple: int) -> torch.Tensor:
     """Zero-pad rows (bottom) then columns (right) of ``(B, R, C, M)`` up to a multiple.
 
-    The zeros enter the following LayerNorm's statistics; the released weights were trained that way
-    (spec quirk #15).
+    The zeros enter the following LayerNorm's statistics (a 32x32 tile becomes 33x33 before a 3x3 downsample);
+    the released weights were trained that way, so the padding is reproduced.
     """
     b, r, c, m = x.shape
     if r % multiple:
@@ -32,7 +33,8 @@ class DownSample(nn.Module):
     """Space-to-channel downsample of a square token grid by ``k`` (2 or 3).
 
     Output token ``(p, q)`` is the concatenation of ``x[k*p + dr, k*q + dc]`` over ``dr`` (outer) and
-    ``dc`` (inner), row-major inside each block (spec §4.1, §4.2).
+    ``dc`` (inner), row-major inside each block, the order the reference's ``DownSampleBlock`` /
+    ``DownSample3x3BlockFix`` reshapes produce.
     """
 
     def __init__(self, k: int):

@@ -1,5 +1,5 @@
 """PS3, the VILA-HD vision tower: a SigLIP ViT that looks at a low-resolution view, then encodes only the
-high-resolution patches a prompt selects (spec vila_hd.md §12.4–12.6).
+high-resolution patches a prompt selects.
 
 This is the inference subset of the ``ps3-torch`` package (github NVlabs/PS3), written for this project
 with plain torch modules. Module and parameter names equal the checkpoint's (``vision_model.trunk.blocks.0.
@@ -157,7 +157,8 @@ class PS3Config:
 
 
 def derive_budgets(scales: Sequence[int], max_select_num: int) -> tuple[int, ...]:
-    """Patches per look-close at each high-res scale, proportional to its pixel count (spec §12.6)."""
+    """Patches per look-close at each high-res scale, proportional to its pixel count, truncated as ``ps3-torch``
+    derives ``max_select_num_each_scale`` when the config leaves it null."""
     pixels = [s * s for s in scales]
     total = sum(pixels[1:])
     return tuple(int(max_select_num * p / total) for p in pixels[1:])
@@ -167,7 +168,8 @@ def plan_passes(
     total_cells: int, budgets: Sequence[int], num_look_close: int | None, num_token_look_close: int | None
 ) -> list[int | None]:
     """How many look-close passes run and what each may select: ``None`` = the full per-scale budgets,
-    an int ``n`` = budgets scaled to ``n`` tokens (spec §12.6; ``num_token_look_close`` wins)."""
+    an int ``n`` = budgets scaled to ``n`` tokens (``num_token_look_close`` wins over ``num_look_close``, as in
+    the reference's ``LlavaTopDownMetaForCausalLM``, NVlabs/VILA ``llava/model/llava_arch.py``)."""
     per_pass = sum(budgets)
     if num_token_look_close is not None:
         t = min(num_token_look_close, total_cells)
@@ -327,7 +329,7 @@ class LookClose:
 
 
 def _resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Bicubic, no antialias, in float32 (spec §12.4)."""
+    """Bicubic, no antialias, in float32: PS3 resizes with plain ``F.interpolate`` in float32."""
     return F.interpolate(x.float(), size=size, mode="bicubic").to(x.dtype)
 
 
@@ -337,7 +339,7 @@ class PS3Tower(nn.Module):
     def __init__(self, cfg: PS3Config, select_layer: int = -2):
         super().__init__()
         if not -2 <= select_layer <= -1:
-            # PS3 returns only its last two block outputs to VILA (spec §12.2)
+            # VILA asks PS3 for only its last two block outputs, so no other layer exists to select
             raise UnsupportedModelError(
                 f"config.json: mm_vision_select_layer {select_layer} is not supported with PS3 (use -1 or -2)"
             )
@@ -392,19 +394,21 @@ class PS3Tower(nn.Module):
         self, pixels: torch.Tensor, low: LowRes, prompt: torch.Tensor | None = None, smooth: bool = False
     ) -> list[torch.Tensor]:
         """Per high-res scale ``(B, fh, fw)``: how much each patch matters for ``prompt`` (``(B, C)``; the
-        learned ``prior_prompt`` when None). Spec §12.5."""
+        learned ``prior_prompt`` when None), as ``PS3VisionEncoder.get_selection_probs`` computes them
+        (NVlabs/PS3 ``ps3/modeling_ps3.py``)."""
         cfg, enc = self.config, self.vision_model
         b, (h, w) = pixels.shape[0], pixels.shape[-2:]
         g = cfg.low_res_grid
         feats = torch.cat([low.hidden[self._layer(i)] for i in cfg.select_based_on_layer], dim=-1)
         feats = enc.selection_feature_proj(feats.reshape(b, g, g, -1))  # (B, g, g, n_high*C)
-        # Only selection channel 0 is ever used: every scale gets scale 0's map (quirk #30 / spec §12.11.4).
+        # PS3 slices only selection channel 0 and upsamples it to every scale, so the other channels of
+        # `selection_feature_proj` never influence the result; reproduced.
         fmap = feats[..., : cfg.width].permute(0, 3, 1, 2)  # (B, C, g, g)
         if prompt is None:
             prompt = enc.prior_prompt[None].repeat(b, 1)
         logits = (F.normalize(fmap, dim=1) * F.normalize(prompt, dim=-1)[..., None, None]).sum(dim=1)  # (B, g, g)
         if cfg.highres_selection_feature:
-            side = 1512  # fixed, whatever the scales (spec §12.11.5)
+            side = 1512  # PS3 hard-codes this resize, whatever the scales
             hmap = enc.highres_selection_feature_module(_resize(pixels, (side, side)))  # (B, D, 54, 54)
             hprompt = enc.prompt_proj_for_highres(prompt)[:, : cfg.selection_out_dim]
             hlogits = (F.normalize(hmap, dim=1) * F.normalize(hprompt, dim=-1)[..., None, None]).sum(dim=1)
@@ -427,9 +431,10 @@ class PS3Tower(nn.Module):
         taken: list[torch.Tensor] | None = None,
         num_tokens: int | None = None,
     ) -> list[torch.Tensor]:
-        """One pass's selection maps (``get_selection_maps`` of the reference, spec §12.6): per image, the
+        """One pass's selection maps (``get_selection_maps`` of NVlabs/PS3 ``ps3/modeling_ps3.py``): per image, the
         top cells of each scale among those not ``taken``; a scale short of cells hands its rest to the next.
-        ``torch.topk`` as the reference, so tied probabilities resolve the same way (quirk #30)."""
+        ``torch.topk`` as the reference, because tied probabilities make its choice implementation-defined and
+        only the same call resolves them the same way."""
         b = probs[0].shape[0]
         maps = [torch.zeros_like(p) for p in probs]
         for i in range(b):
@@ -510,7 +515,8 @@ class PS3Tower(nn.Module):
         plan: Sequence[int | None],
     ) -> LookClose:
         """Run the planned passes (:func:`plan_passes`). Each pass encodes new patches only; features land at
-        their cells, so the result is independent of which pass produced them (spec §12.6)."""
+        their cells, so the result is independent of which pass produced them: the reference re-orders the
+        high-res tokens by position after all passes."""
         b = pixels.shape[0]
         sizes = [p.shape[1] * p.shape[2] for p in probs]
         full = torch.zeros(b, sum(sizes), self.config.width, dtype=pixels.dtype, device=pixels.device)

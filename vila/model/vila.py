@@ -149,7 +149,8 @@ class VilaModel(nn.Module):
         self.template = get_template(conv_mode)
         self.stop_token_ids = infer_stop_token_ids(tokenizer, self.template)
         vocab = llm.get_input_embeddings().num_embeddings
-        # The reference resizes the LM head to len(tokenizer) (spec §6.7): extra checkpoint rows are cut off
+        # The reference resizes the LM head to len(tokenizer) (`resize_token_embeddings` after extending the
+        # tokenizer, NVlabs/VILA `llava/model/builder.py`): extra checkpoint rows are cut off
         # (we mask their logits instead), and missing rows would be *randomly* initialised, making its output
         # non-deterministic. We never add rows: media tokens are replaced by embeddings before the LLM sees
         # them, so every real token id keeps its exact logit and the output stays deterministic.
@@ -185,7 +186,8 @@ class VilaModel(nn.Module):
     # -- embeddings ------------------------------------------------------------------------------------
     def embed_text(self, text: str | None) -> torch.Tensor | None:
         """LLM embeddings of ``tokenizer(text)`` with default special tokens (a BOS, if the tokenizer adds
-        one, is part of every start/end block: quirk #4). Cached: these strings are constant."""
+        one, is part of every start/end block, because the reference embeds ``tokenizer(text).input_ids``).
+        Cached: these strings are constant."""
         if text is None:
             return None
         if text not in self._token_embeds:
@@ -312,7 +314,8 @@ class VilaModel(nn.Module):
         video_fps = cfg.fps if fps is None else fps
         self._check_video_positions(sum(isinstance(part, Video) for part in parts), cfg, num_frames, video_fps)
         num_images = sum(isinstance(part, (Image, PIL.Image.Image)) for part in parts)
-        # The reference tiles an image only when it is the prompt's only one (spec §3.0).
+        # The reference tiles an image only when it is the prompt's only one (`generate_content`, NVlabs/VILA
+        # `llava/model/llava_arch.py`); video frames never count as images here.
         plan = _MediaPlan(tiled=num_images == 1 and cfg.image_aspect_ratio in ("dynamic", "dynamic_s2"))
         context = f"{id(self)}|{self.dtype}|{self.device}|{cfg!r}" if cache is not None else ""
         for part in parts:
@@ -420,7 +423,8 @@ class VilaModel(nn.Module):
     def _splice(
         self, input_ids: torch.Tensor, image_blocks: list[torch.Tensor], video_blocks: list[torch.Tensor]
     ) -> torch.Tensor:
-        """Replace each media token by the next embedding block of its kind (spec §5.6)."""
+        """Replace each media token by the next embedding block of its kind, as the reference's ``_embed``
+        (NVlabs/VILA ``llava/model/llava_arch.py``) does."""
         kind_of = {self.media_token_ids["image"]: "image", self.media_token_ids["video"]: "video"}
         queues = {"image": deque(image_blocks), "video": deque(video_blocks)}
         is_media = torch.isin(input_ids, torch.tensor(list(kind_of)))
@@ -464,7 +468,8 @@ class VilaModel(nn.Module):
         stop_token_ids: Sequence[int],
     ) -> Any:
         """A fully specified ``GenerationConfig``: the reference's defaults (greedy, stop tokens, pad = pad or
-        eos), never back-filled from ``llm/generation_config.json`` (spec generation.md §8.2)."""
+        eos), never back-filled from ``llm/generation_config.json``: the reference builds its model without
+        reading that file, while transformers >= 4.50 would fill unset values (sampling) from it."""
         from transformers import GenerationConfig
 
         tok = self.tokenizer
@@ -648,7 +653,8 @@ class VilaModel(nn.Module):
         return ChatSession(self, **kwargs)
 
     def decode_time_tokens(self, text: str, video_durations: Sequence[float]) -> str:
-        """Rewrite time tokens ``<tK>`` to seconds of the last video, as the reference CLI does (spec §7.6).
+        """Rewrite time tokens ``<tK>`` to seconds of the last video, as the reference CLI does (NVlabs/VILA
+        ``llava/cli/infer.py``).
 
         A no-op for checkpoints without time tokens and for prompts without a video.
         """
@@ -690,7 +696,7 @@ class VilaModel(nn.Module):
 
 class _MaskTail:
     """Never emit ids at or beyond ``len(tokenizer)``: the reference's ``resize_token_embeddings`` cut those
-    LM-head rows off (quirk #11)."""
+    LM-head rows off, so a padded vocabulary can never produce them."""
 
     def __init__(self, limit: int):
         self.limit = limit

@@ -1,14 +1,15 @@
 """VILA-HD (``llava_topdown_llama``): VILA with the PS3 tower, which looks closer at the image patches that
-matter for the question (spec vila_hd.md).
+matter for the question (NVlabs/VILA ``llava/model/llava_arch.py``, ``LlavaTopDownMetaForCausalLM``, and
+``llava/model/language_model/llava_topdown_llama.py``).
 
 Per request, on top of :class:`~vila.model.vila.VilaModel`:
 
 1. every image goes through PS3's low-res pass; its tokens alone make a first set of image embeddings;
 2. ``after_prompt``: the LLM reads the prompt with those embeddings up to the end of the user turn, and the
-   projector's ``top_down_prompt_head`` turns the last hidden state into a "top-down prompt" (§12.8);
+   projector's ``top_down_prompt_head`` turns the last hidden state into a "top-down prompt";
    ``after_image``: PS3's learned prior prompt is used instead;
 3. PS3 selects high-res patches for that prompt and encodes them (``num_look_close`` passes); each image
-   becomes ``[low-res tokens, selected high-res tokens, "\\n"]`` (§12.7) and generation proceeds as usual.
+   becomes ``[low-res tokens, selected high-res tokens, "\\n"]`` and generation proceeds as usual.
 
 The five selection settings are keyword arguments of :meth:`VilaHDModel.generate` / ``generate_content``
 (``vila-infer`` flags, or the reference's environment variables).
@@ -46,12 +47,13 @@ _SETTINGS = (
     "look_close_mode",
     "smooth_selection_prob",
 )
-_DUMMY_USER_TEXT = "Here is the prompt."  # the reference's probe for where a user turn ends (§12.8 step 1)
+_DUMMY_USER_TEXT = "Here is the prompt."  # the reference's probe for where a user turn ends
 
 
 def context_floor(num_look_close: int | None = None, num_token_look_close: int | None = None) -> int:
     """The context length the reference's CLI raises the tokenizer limit to for these settings
-    (``configure_ps3_and_context_length``, spec cli_api.md §9.2; 2560 is its fixed per-pass estimate)."""
+    (``configure_ps3_and_context_length`` in NVlabs/VILA ``llava/cli/infer.py``; 2560 is its fixed per-pass
+    estimate)."""
     floor = 0
     if num_look_close is not None:
         floor = max(floor, num_look_close * 2560 // 4 + 1024)
@@ -153,7 +155,9 @@ class VilaHDModel(VilaModel):
         look_close_mode: str | None = None,
         smooth_selection_prob: bool | None = None,
     ) -> LookCloseSettings:
-        """Validate per-request settings and fill the rest from the checkpoint (spec vila_hd.md §12.9)."""
+        """Validate per-request settings and fill the rest from the checkpoint (the five settings the reference
+        CLI reads from ``NUM_LOOK_CLOSE``, ``NUM_TOKEN_LOOK_CLOSE``, ``SELECT_NUM_EACH_SCALE``, ``LOOK_CLOSE_MODE``
+        and ``SMOOTH_SELECTION_PROB``)."""
         td, ps3 = self.top_down, self.vision_tower.config
         mode = look_close_mode if look_close_mode is not None else td.look_close_mode
         if mode is None:
@@ -172,7 +176,8 @@ class VilaHDModel(VilaModel):
         n = num_look_close if num_look_close is not None else td.num_look_close
         t = num_token_look_close if num_token_look_close is not None else td.num_token_look_close
         if t is None and n < 1:
-            # The reference fails on 0 (TypeError, quirk #30): there is no low-res-only answer to reproduce.
+            # The reference raises TypeError on 0 (the tower returns no selection maps), so there is no
+            # low-res-only answer to reproduce.
             raise UsageError(
                 f"num_look_close must be at least 1, the checkpoint says {n}; pass num_look_close (--num-look-close) 1 or more"
             )
@@ -205,7 +210,8 @@ class VilaHDModel(VilaModel):
     @property
     def context_length(self) -> int:
         """As :class:`VilaModel`, raised like the reference CLI does when ``num_look_close`` /
-        ``num_token_look_close`` are passed (spec cli_api.md §9.2)."""
+        ``num_token_look_close`` are passed (``configure_ps3_and_context_length``, NVlabs/VILA
+        ``llava/cli/infer.py``)."""
         n = super().context_length
         return max(n, self._request.min_context) if self._request is not None else n
 
@@ -284,7 +290,8 @@ class VilaHDModel(VilaModel):
         self, turns: Sequence[Turn], template: Template, request: LookCloseSettings, options: dict[str, Any]
     ) -> PreparedPrompt:
         """The base preparation with low-res image embeddings, then the top-down prompt pass and the high-res
-        look-close, whose embeddings replace the low-res ones (spec §12.8)."""
+        look-close, whose embeddings replace the low-res ones (the reference's ``generate`` of
+        ``LlavaTopDownMetaForCausalLM``)."""
         self._pending = None
         try:
             (low_prompt,) = VilaModel.prepare_many(self, [turns], template=template, **options)
@@ -336,13 +343,14 @@ class VilaHDModel(VilaModel):
     def _encode_media(
         self, batch: Any, frame_pixels: list[torch.Tensor]
     ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """Low-res pass only: the embeddings the top-down prompt pass sees (§12.8 step 2)."""
+        """Low-res pass only: the reference embeds the prompt with low-res image tokens alone for the top-down
+        prompt pass."""
         if frame_pixels:
             raise UsageError(
                 "VILA-HD checkpoints answer about images only; pass frames as vila.Image parts instead of a video"
             )
         if batch is None:
-            # The reference fails here with an AssertionError (quirk #30).
+            # The reference treats the empty media dict as media and fails with an AssertionError.
             raise UsageError(
                 "VILA-HD checkpoints need at least one image in the prompt; add an image (vila.Image / --media)"
             )
@@ -371,7 +379,7 @@ class VilaHDModel(VilaModel):
 
     def _top_down_prompt(self, low_prompt: PreparedPrompt, template: Template) -> tuple[torch.Tensor, int, int]:
         """The LLM over the prompt with low-res images, up to the end of the user turn; the top-down prompt
-        head maps the last hidden state (after the final norm) to PS3's channel space (§12.8 steps 1–3)."""
+        head maps the last hidden state (after the final norm) to PS3's channel space."""
         ids = low_prompt.input_ids
         p = self.top_down_position(ids, template)
         images = int((ids[: p + 1] == self.media_token_ids["image"]).sum())
@@ -396,9 +404,9 @@ def embed_images(
     proj: TopDownProjector, low_feats: torch.Tensor, look: LookClose | None
 ) -> tuple[list[torch.Tensor], list[tuple[int, list[int]]]]:
     """Tower features -> per image ``[low-res tokens, kept high-res tokens]`` (``encode_images_ps3``,
-    spec §12.7). With a downsampling projector, a high-res LLM token is kept only if every cell under it
-    was selected; only those are projected (the reference projects whole zero-filled grids, then drops
-    the rest: the same tokens)."""
+    NVlabs/VILA ``llava/model/llava_arch.py``). With a downsampling projector, a high-res LLM token is kept
+    only if every cell under it was selected; only those are projected (the reference projects whole
+    zero-filled grids, then drops the rest: the same tokens)."""
     r = proj.downsample
     low = proj(low_feats)  # (B, n_low, D)
     b = low.shape[0]
@@ -486,7 +494,7 @@ def load_vila_hd(
             f"config.json: image_aspect_ratio {cfg.image_aspect_ratio!r} cannot be used with PS3 (use resize)"
         )
     if cfg.vision.select_feature != "cls_patch":
-        # 'patch' would drop the first low-res token of PS3's output (it has no class token, quirk #30)
+        # 'patch' drops token 0, which for PS3 is a real low-res token: PS3 has no class token
         raise UnsupportedModelError("config.json: PS3 checkpoints need mm_vision_select_feature 'cls_patch'")
     ps3 = PS3Config.from_dict(cfg.vision.raw)
     tower = PS3Tower.build(ps3, cfg.vision_dir, dtype, device, select_layer=cfg.vision.select_layer)

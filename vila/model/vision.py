@@ -1,4 +1,6 @@
-"""Vision towers and the S2 / Dynamic-S2 multi-scale feature maps (spec vision.md).
+"""Vision towers and the S2 / Dynamic-S2 multi-scale feature maps (NVlabs/VILA
+``llava/model/multimodal_encoder/``, ``merge_features_for_dynamic_s2`` in ``llava/model/llava_arch.py``, and
+``s2wrapper`` from bfshi/scaling_on_scales).
 
 A tower maps pixels ``(B, 3, s, s)`` to the features the projector expects, ``(B, N, C)``: the hidden state
 after ``mm_vision_select_layer`` layers, with the CLS token dropped for ``"patch"``. Only the layers that
@@ -166,7 +168,7 @@ def merge_chessboard(x: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
 
 
 def area_resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """``interpolate(mode="area")`` in float32, cast back (spec vision.md §2.3 step 6)."""
+    """``interpolate(mode="area")`` in float32, cast back, as ``s2wrapper`` merges scales."""
     if tuple(x.shape[-2:]) == tuple(size):
         return x
     return F.interpolate(x.float(), size=size, mode="area").to(x.dtype)
@@ -180,7 +182,8 @@ def s2_features(tower: nn.Module, pixels: torch.Tensor, cfg: VisionConfig, chunk
         n = math.ceil(scale / cfg.max_split_size)
         x = pixels
         if pixels.shape[-1] != scale:
-            # bicubic without antialias, in float32 (quirk #14: aliasing when downscaling is reproduced)
+            # s2wrapper resizes with bicubic without antialias, in float32: its aliasing when downscaling is
+            # part of what the released weights saw, so it is reproduced
             x = F.interpolate(pixels.float(), size=(scale, scale), mode="bicubic").to(pixels.dtype)
         feats = run_tower(tower, split_chessboard(x, n, n), chunk)  # (n*n*B, N, C)
         maps.append(merge_chessboard(feats, n, n))  # (B, C, n*g, n*g)
@@ -193,7 +196,8 @@ def s2_features(tower: nn.Module, pixels: torch.Tensor, cfg: VisionConfig, chunk
 def merge_dynamic_s2(
     feats: torch.Tensor, block_sizes: list[BlockSize | None], cfg: VisionConfig
 ) -> tuple[list[torch.Tensor], list[BlockSize]]:
-    """Per image, merge Dynamic-S2 tile features into one multi-scale map (spec vision.md §2.4).
+    """Per image, merge Dynamic-S2 tile features into one multi-scale map (``merge_features_for_dynamic_s2``
+    of NVlabs/VILA ``llava/model/llava_arch.py``).
 
     ``feats`` are the tower outputs of every tile of every image, ``(T_total, N, C)``. Returns per image a
     map ``(1, C*len(scales), H', W')`` and the block size the projector must split it into.
