@@ -34,6 +34,20 @@ def assert_close_to_golden(got, want, *, scale: float | None = None, floor: floa
     assert diff <= max(GOLDEN_RTOL * scale, floor), f"max diff {diff:.3g} at scale {scale:.3g}"
 
 
+# JSONL request / answer files of --batch, --ray and the shards.
+def write_jsonl(path: Path, rows: list) -> Path:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+def read_rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def by_line(rows: list[dict]) -> list[dict]:
+    return sorted(rows, key=lambda r: r["line"])
+
+
 def golden_files() -> list[Path]:
     return sorted(GOLDENS.glob("*/*.json"))
 

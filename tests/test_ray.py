@@ -4,17 +4,15 @@ restarted, each id answered exactly once."""
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
-from conftest import INPUTS, TINY
+from conftest import INPUTS, TINY, by_line, read_rows, write_jsonl
 
 ray = pytest.importorskip("ray")
 
@@ -41,19 +39,6 @@ def cluster(tmp_path_factory):
             os.environ.pop(EXIT_ONCE_ENV, None)
         else:
             os.environ[EXIT_ONCE_ENV] = saved
-
-
-def write_jsonl(path: Path, rows: list) -> Path:
-    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
-    return path
-
-
-def read_rows(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
-
-
-def by_line(rows: list[dict]) -> list[dict]:
-    return sorted(rows, key=lambda r: r["line"])
 
 
 @pytest.fixture

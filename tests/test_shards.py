@@ -3,7 +3,6 @@ requests recorded as error rows."""
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
@@ -12,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import INPUTS, TINY
+from conftest import INPUTS, TINY, by_line, read_rows, write_jsonl
 
 import vila.batch
 from vila.batch import merge_parts, part_path, run_batch, shard_from_env
@@ -33,19 +32,6 @@ def requests(folder: Path) -> list:
         {"id": 7, "text": "a duplicate id"},
         {"id": "two", "text": "Compare <image> and <image>.", "media": ["a.png", "b.png"]},
     ]
-
-
-def write_jsonl(path: Path, rows: list) -> Path:
-    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
-    return path
-
-
-def read_rows(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
-
-
-def by_line(rows: list[dict]) -> list[dict]:
-    return sorted(rows, key=lambda r: r["line"])
 
 
 def test_shard_from_env_prefers_flags_then_torchrun_then_slurm():
