@@ -91,3 +91,18 @@ def test_time_tokens_decoded_in_the_api(tiny_model):
     assert re.findall(r"<t\d+>", plain.text) == ["<t25>"], plain.text
     decoded = model.generate([vila.Video(VIDEO), "What happens?"], max_new_tokens=16, decode_time_tokens=True)
     assert decoded.token_ids == plain.token_ids and decoded.text == plain.text.replace("<t25>", "<1.01>")
+
+
+def test_video_positions_are_traced_once_per_setting(tiny_model, monkeypatch):
+    """The early length check traces the tower with fake tensors; that is a constant per frame count, not per call."""
+    from vila.model.vila import VilaModel
+
+    model = tiny_model("nvila-tiny")
+    model._video_position_counts.clear()
+    traced = []
+    original = VilaModel._video_positions
+    monkeypatch.setattr(VilaModel, "_video_positions", lambda self, cfg, n: traced.append(n) or original(self, cfg, n))
+    video = vila.Video(INPUTS / "video_160x120_64f_16fps.mp4")
+    for frames in (2, 2, 3):
+        model.prepare(to_turns([video, "What happens?"]), num_video_frames=frames)
+    assert traced == [2, 3]

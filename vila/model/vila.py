@@ -156,6 +156,8 @@ class VilaModel(nn.Module):
         # them, so every real token id keeps its exact logit and the output stays deterministic.
         self.num_generatable = min(len(tokenizer), vocab)
         self._token_embeds: dict[str, torch.Tensor] = {}
+        # Positions a video of N frames takes under a config: a constant of the checkpoint, traced once per key.
+        self._video_position_counts: dict[tuple[str, int], int | None] = {}
         for text in (
             config.image_encoder.start_tokens,
             config.image_encoder.end_tokens,
@@ -591,7 +593,12 @@ class VilaModel(nn.Module):
         """
         if num_videos == 0:
             return
-        positions = self._video_positions(cfg, num_frames if fps <= 0 else 1)
+        key = (repr(cfg), num_frames if fps <= 0 else 1)
+        if key not in self._video_position_counts:
+            if len(self._video_position_counts) >= 64:  # frame counts vary per request; keep the newest
+                self._video_position_counts.pop(next(iter(self._video_position_counts)))
+            self._video_position_counts[key] = self._video_positions(cfg, key[1])
+        positions = self._video_position_counts[key]
         if positions is not None and num_videos * positions >= self.context_length:
             media = ", ".join([str(positions)] * num_videos)
             raise PromptTooLongError(
