@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -46,6 +48,36 @@ def read_rows(path: Path) -> list[dict]:
 
 def by_line(rows: list[dict]) -> list[dict]:
     return sorted(rows, key=lambda r: r["line"])
+
+
+# Requests next to images a.png and b.png (the ``images`` fixture): answers, a bad line, a missing file and a
+# duplicate id, so that the local, sharded and Ray runs can be compared row for row.
+MIXED_REQUESTS = [
+    {"id": "img-a", "text": "Describe the image.", "media": ["a.png"]},
+    {"id": 7, "text": "Tell me a story."},
+    "{not json",
+    {"id": "img-b", "text": "What is this?", "media": ["b.png"], "max_new_tokens": 1},
+    {"id": "gone", "text": "x", "media": ["missing.png"]},
+    {"id": 7, "text": "a duplicate id"},
+    {"id": "two", "text": "Compare <image> and <image>.", "media": ["a.png", "b.png"]},
+]
+
+
+@pytest.fixture
+def images(tmp_path):
+    """``tmp_path`` holding two small images, ``a.png`` and ``b.png``."""
+    shutil.copy(INPUTS / "demo_img.png", tmp_path / "a.png")
+    shutil.copy(INPUTS / "syn_640x480.png", tmp_path / "b.png")
+    return tmp_path
+
+
+def wait_for_lines(proc, path: Path, count: int, timeout: float = 300) -> None:
+    """Until ``path`` has ``count`` lines, ``proc`` has exited, or ``timeout`` seconds have passed."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        if path.exists() and path.read_text().count("\n") >= count:
+            return
+        time.sleep(0.02)
 
 
 def golden_files() -> list[Path]:

@@ -6,38 +6,16 @@ from __future__ import annotations
 import json
 import os
 import shlex
-import shutil
 import signal
 import subprocess
 import sys
-import time
-from pathlib import Path
 
 import pytest
-from conftest import INPUTS, TINY
+from conftest import TINY, read_rows, wait_for_lines, write_jsonl
 
 import vila
 import vila.batch
 from vila.batch import answered_keys, run_batch
-
-IMAGE = INPUTS / "demo_img.png"
-OTHER = INPUTS / "syn_640x480.png"
-
-
-def write_jsonl(path: Path, rows: list) -> Path:
-    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
-    return path
-
-
-def read_rows(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
-
-
-@pytest.fixture
-def images(tmp_path):
-    shutil.copy(IMAGE, tmp_path / "a.png")
-    shutil.copy(OTHER, tmp_path / "b.png")
-    return tmp_path
 
 
 @pytest.mark.parametrize("variant", ["nvila-tiny", "vila15-tiny", "nvila-lite-tiny"])
@@ -148,11 +126,7 @@ def test_kill_9_then_resume_answers_every_id_exactly_once(tmp_path):
     cmd = [sys.executable, "-m", "vila.cli", "-m", str(TINY / "nvila-tiny"), "--device", "cpu", "--batch", str(src)]
     cmd += ["--output", str(out), "--max-new-tokens", "8", "--batch-size", "2"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and proc.poll() is None:
-        if out.exists() and out.read_text().count("\n") >= 3:
-            break
-        time.sleep(0.05)
+    wait_for_lines(proc, out, 3)
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=60)
     first_run = out.read_text().count("\n")
@@ -173,11 +147,7 @@ def test_ctrl_c_keeps_the_rows_and_prints_the_resume_command(tmp_path):
     cmd = [sys.executable, "-m", "vila.cli", "-m", str(TINY / "nvila-tiny"), "--device", "cpu", "--batch", str(src)]
     cmd += ["--output", str(out), "--max-new-tokens", "8", "--batch-size", "1"]
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=env, preexec_fn=_foreground_sigint)
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and proc.poll() is None:
-        if out.exists() and out.read_text().count("\n") >= 1:
-            break
-        time.sleep(0.02)
+    wait_for_lines(proc, out, 1)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
@@ -197,3 +167,21 @@ def test_ctrl_c_keeps_the_rows_and_prints_the_resume_command(tmp_path):
 def _foreground_sigint() -> None:
     """A shell may start background jobs (a CI runner's) with SIGINT ignored; Ctrl-C reaches foreground ones."""
     signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def test_drive_batch_hands_only_the_rows_left_to_answer(tmp_path):
+    """The loop shared by the local run and --ray: duplicates become error rows without reaching ``answer``, and
+    ``answer`` is not called at all when --resume finds nothing left (so Ray is never started for nothing)."""
+    src = write_jsonl(tmp_path / "req.jsonl", [{"id": "a", "text": "x"}, {"id": "a", "text": "y"}, {"id": 3}])
+    calls = []
+
+    def answer(todo):
+        calls.append([line for line, _ in todo])
+        return [{"id": vila.batch.peek_id(row), "answer": "ok", "line": line} for line, row in todo]
+
+    out = tmp_path / "out.jsonl"
+    summary = vila.batch.drive_batch(src, out, answer, progress=False)
+    assert calls == [[1, 3]] and (summary.total, summary.answered, summary.failed) == (3, 2, 1)
+    assert [r["line"] for r in read_rows(out) if "duplicate id" in r.get("error", "")] == [2]
+    again = vila.batch.drive_batch(src, out, answer, resume=True, progress=False)
+    assert calls == [[1, 3]] and again.skipped == 3

@@ -5,14 +5,12 @@ restarted, each id answered exactly once."""
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
-from conftest import INPUTS, TINY, by_line, read_rows, write_jsonl
+from conftest import MIXED_REQUESTS, TINY, by_line, read_rows, wait_for_lines, write_jsonl
 
 ray = pytest.importorskip("ray")
 
@@ -41,24 +39,8 @@ def cluster(tmp_path_factory):
             os.environ[EXIT_ONCE_ENV] = saved
 
 
-@pytest.fixture
-def images(tmp_path):
-    shutil.copy(INPUTS / "demo_img.png", tmp_path / "a.png")
-    shutil.copy(INPUTS / "syn_640x480.png", tmp_path / "b.png")
-    return tmp_path
-
-
 def test_ray_rows_equal_the_local_batch(cluster, tiny_model, images):
-    rows = [
-        {"id": "img-a", "text": "Describe the image.", "media": ["a.png"]},
-        {"id": 2, "text": "Tell me a story."},
-        "{not json",
-        {"id": "img-b", "text": "What is this?", "media": ["b.png"], "max_new_tokens": 1},
-        {"id": "gone", "text": "x", "media": ["missing.png"]},
-        {"id": 2, "text": "a duplicate id"},
-        {"id": "two", "text": "Compare <image> and <image>.", "media": ["a.png", "b.png"]},
-    ]
-    src = write_jsonl(images / "req.jsonl", rows)
+    src = write_jsonl(images / "req.jsonl", MIXED_REQUESTS)
     want = run_batch(tiny_model("nvila-tiny"), src, images / "local.jsonl", defaults={"max_new_tokens": 2})
     got = run_ray_batch(
         str(MODEL), src, images / "ray.jsonl", load_kwargs=LOAD, batch_size=2, defaults={"max_new_tokens": 2}
@@ -131,11 +113,7 @@ def test_kill_9_of_the_driver_then_resume_answers_every_id_once(cluster, tmp_pat
     cmd += ["--ray", address, "--replicas", "1"]
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline and proc.poll() is None:
-        if out.exists() and out.read_text().count("\n") >= 1:
-            break
-        time.sleep(0.02)
+    wait_for_lines(proc, out, 1, timeout=240)
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=60)
     first_run = out.read_text().count("\n")

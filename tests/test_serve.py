@@ -21,6 +21,7 @@ import time
 import numpy as np
 import PIL.Image
 import pytest
+import torch
 
 pytest.importorskip("fastapi")
 uvicorn = pytest.importorskip("uvicorn")
@@ -395,6 +396,75 @@ def test_stable_prefix_holds_back_what_may_change():
     assert _stable("Hello  ", ()) == "Hello"
     assert _stable("caf\ufffd", ()) == "caf"
     assert _stable("Hello ST", ("STOP",)) == "Hello"
+
+
+class _Recorder:
+    """A tokenizer that notes how many ids each ``decode`` call is given."""
+
+    def __init__(self, tok):
+        self.tok, self.sizes = tok, []
+
+    def decode(self, ids, **kwargs):
+        self.sizes.append(len(ids))
+        return self.tok.decode(ids, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.tok, name)
+
+
+def _follow(tok, ids, stop, stream=True):
+    """Feed ``ids`` one at a time to a one-row RowTracker; its deltas, completion and the step it ended at."""
+    from types import SimpleNamespace
+
+    from vila.scheduler import Job, RowTracker
+
+    events = []
+    job = Job("r", [], {}, lambda kind, payload: events.append((kind, payload)), stop=tuple(stop), stream=stream)
+    rows = RowTracker(SimpleNamespace(tokenizer=tok, stop_token_ids=()), [job], [len(ids)])
+    ended = len(ids)
+    for k in range(1, len(ids) + 1):
+        if rows(torch.tensor([ids[:k]]), None)[0]:
+            ended = k
+            break
+    rows.finish([0])
+    deltas = "".join(p for kind, p in events if kind == "delta")
+    return deltas, events[-1][1], ended
+
+
+def _old_follow(tok, ids, stop):
+    """What the tracker answered when it decoded every answer whole at every token (the reference)."""
+    for k in range(1, len(ids) + 1):
+        text = tok.decode(ids[:k], skip_special_tokens=True).lstrip()
+        hits = [i for i in (text.find(s) for s in stop) if i >= 0]
+        if hits:
+            return text[: min(hits)].strip(), "stop", k
+    return tok.decode(ids, skip_special_tokens=True).strip(), "length", len(ids)
+
+
+@pytest.mark.parametrize("variant", ["nvila-tiny", "vila15-tiny"])  # Qwen2 byte-level BPE; Llama byte fallback
+def test_streamed_rows_decode_each_token_once_and_stop_where_a_whole_decode_would(tiny_model, variant):
+    import random
+
+    tok = tiny_model(variant).tokenizer
+    rng = random.Random(0)
+    texts = ["The sky is blue. The sky is wide!", "日本語のテキスト, 中文也没有空格！ emoji 😀🎉 ünï"]
+    sequences = [tok(t, add_special_tokens=False).input_ids for t in texts]
+    sequences += [[rng.randrange(len(tok)) for _ in range(25)] for _ in range(6)]  # invalid UTF-8 runs too
+    for ids in sequences:
+        full = tok.decode(ids, skip_special_tokens=True).strip()
+        middle = len(full) // 2
+        for stop in ([], [full[middle : middle + 2]], [full[-3:-1], full[middle - 1 : middle + 3]], ["\n\n#"]):
+            stop = [s for s in stop if s.strip()] if stop else stop
+            cut, reason, ended = _old_follow(tok, ids, stop)
+            deltas, done, k = _follow(tok, ids, stop)
+            assert (done.text, done.finish_reason, done.num_completion_tokens, k) == (cut, reason, ended, ended)
+            assert deltas == cut, (ids, stop)
+
+    # Bounded work per token: no decode while following an answer is given all of it.
+    recorder = _Recorder(tok)
+    ids = sequences[0] * 6
+    _, done, _ = _follow(recorder, ids, ["never appears"])
+    assert done.num_completion_tokens == len(ids) and max(recorder.sizes[:-1]) <= 8, recorder.sizes
 
 
 # -- concurrency, queue, cancellation --------------------------------------------------------------------------

@@ -4,34 +4,18 @@ requests recorded as error rows."""
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
-from conftest import INPUTS, TINY, by_line, read_rows, write_jsonl
+from conftest import MIXED_REQUESTS, TINY, by_line, read_rows, write_jsonl
 
 import vila.batch
 from vila.batch import merge_parts, part_path, run_batch, shard_from_env
 from vila.errors import UsageError
 
 MODEL = TINY / "nvila-tiny"
-
-
-def requests(folder: Path) -> list:
-    shutil.copy(INPUTS / "demo_img.png", folder / "a.png")
-    shutil.copy(INPUTS / "syn_640x480.png", folder / "b.png")
-    return [
-        {"id": "img-a", "text": "Describe the image.", "media": ["a.png"]},
-        {"id": 7, "text": "Tell me a story."},
-        "{not json",
-        {"id": "img-b", "text": "What is this?", "media": ["b.png"], "max_new_tokens": 1},
-        {"id": "gone", "text": "x", "media": ["missing.png"]},
-        {"id": 7, "text": "a duplicate id"},
-        {"id": "two", "text": "Compare <image> and <image>.", "media": ["a.png", "b.png"]},
-    ]
 
 
 def test_shard_from_env_prefers_flags_then_torchrun_then_slurm():
@@ -46,8 +30,9 @@ def test_shard_from_env_prefers_flags_then_torchrun_then_slurm():
         shard_from_env(1, None, {})
 
 
+@pytest.mark.usefixtures("images")  # a.png and b.png in tmp_path
 def test_two_torchrun_shards_merged_equal_the_local_run(tiny_model, tmp_path):
-    src = write_jsonl(tmp_path / "req.jsonl", requests(tmp_path))
+    src = write_jsonl(tmp_path / "req.jsonl", MIXED_REQUESTS)
     local = tmp_path / "local.jsonl"
     run_batch(tiny_model("nvila-tiny"), src, local, defaults={"max_new_tokens": 2}, progress=False)
 
@@ -84,11 +69,12 @@ def test_merge_names_the_missing_rows_and_their_shard(tmp_path):
     assert not out.exists()
 
 
+@pytest.mark.usefixtures("images")  # a.png and b.png in tmp_path
 def test_parquet_in_and_out_with_image_bytes(tiny_model, tmp_path):
     pa = pytest.importorskip("pyarrow")
     pq = pytest.importorskip("pyarrow.parquet")
     model = tiny_model("nvila-tiny")
-    rows = [r for r in requests(tmp_path) if isinstance(r, dict) and r["text"] != "a duplicate id"]
+    rows = [r for r in MIXED_REQUESTS if isinstance(r, dict) and r["text"] != "a duplicate id"]
     src_jsonl = write_jsonl(tmp_path / "req.jsonl", rows)
     # One Arrow type per column: a binary media column carries every item as bytes (a broken one for "gone").
     blobs = [

@@ -87,6 +87,18 @@ def test_stream_rejects_its_own_streamer(tiny_model):
         model.stream_content("hi", streamer=object())
 
 
+def _read_terminal(leader: int, take) -> None:
+    """Hands each chunk a child writes to its pseudo-terminal to ``take`` until the child closes it."""
+    while True:
+        try:
+            chunk = os.read(leader, 4096)
+        except OSError:  # EIO: the child closed the terminal
+            return
+        if not chunk:
+            return
+        take(chunk)
+
+
 def _cli_in_a_terminal(args):
     """Runs vila-infer with stdout on a pseudo-terminal (so it streams) and returns what it printed."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", TQDM_DISABLE="1")
@@ -94,15 +106,9 @@ def _cli_in_a_terminal(args):
     leader, follower = pty.openpty()
     proc = subprocess.Popen(cmd, stdout=follower, stderr=subprocess.DEVNULL, env=env)
     os.close(follower)
-    out = b""
-    while True:
-        try:
-            chunk = os.read(leader, 4096)
-        except OSError:  # EIO: the child closed the terminal
-            break
-        if not chunk:
-            break
-        out += chunk
+    chunks = []
+    _read_terminal(leader, chunks.append)
+    out = b"".join(chunks)
     proc.wait(timeout=300)
     os.close(leader)
     assert proc.returncode == 0
@@ -259,18 +265,11 @@ def test_ctrl_c_stops_a_streaming_cli_at_once():
     os.close(follower)
     printed, started = [], threading.Event()
 
-    def read_terminal() -> None:
-        while True:
-            try:
-                chunk = os.read(leader, 4096)
-            except OSError:  # EIO: the child closed the terminal
-                return
-            if not chunk:
-                return
-            printed.append(chunk)
-            started.set()
+    def took(chunk: bytes) -> None:
+        printed.append(chunk)
+        started.set()
 
-    reader = threading.Thread(target=read_terminal, daemon=True)
+    reader = threading.Thread(target=_read_terminal, args=(leader, took), daemon=True)
     reader.start()
     try:
         assert started.wait(240), "no answer streamed"

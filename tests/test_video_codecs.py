@@ -232,6 +232,29 @@ def test_backends_give_the_same_pixels(clips, name):
         assert np.array_equal(a, b)
 
 
+def test_opencv_reader_opens_the_file_with_pyav_once_for_turns_and_tags(clips, monkeypatch):
+    """OpenCV's frames of a BT.709 file are decoded again by PyAV: one PyAV opening finds both the display matrix and
+    the colour tags, and a reader reopened for another decoding thread is told them, so each reader adds only the
+    opening its re-decoding needs."""
+    import vila.video
+
+    opens, readers = [], []
+    real_open, real_init = av.open, vila.video._OpenCVReader.__init__
+
+    def counting_open(*args, **kwargs):
+        opens.append(args[0])
+        return real_open(*args, **kwargs)
+
+    def counting_init(self, *args, **kwargs):
+        readers.append(self)
+        real_init(self, *args, **kwargs)
+
+    monkeypatch.setattr(av, "open", counting_open)
+    monkeypatch.setattr(vila.video._OpenCVReader, "__init__", counting_init)
+    decode_all(clips["bt709"], "opencv")
+    assert readers and len(opens) == len(readers) + 1, (len(opens), len(readers))
+
+
 # ------------------------------------------------------------------------------------------------------ rotation
 
 # Counter-clockwise quarter turns (np.rot90's k) opencv-python-headless 4.8.0.76, the reference's pin, gives a frame

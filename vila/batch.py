@@ -30,7 +30,7 @@ import os
 import re
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -433,14 +433,34 @@ def run_batch(
 
     ``progress``: a bar on stderr; None shows it only on a terminal (in a log file a bar is one endless line of
     carriage returns). ``shard=(i, k)``: only every k-th row from row i (see :func:`plan_rows`)."""
+    if batch_size < 1:
+        raise UsageError(f"--batch-size must be a positive integer, got {batch_size}")
+    cache = cache if cache is not None else FeatureCache()
+    base = Path(requests_path).parent
+
+    def answer(todo: list[tuple[int, str | dict[str, Any]]]) -> Iterator[dict[str, Any]]:
+        for start in range(0, len(todo), batch_size):
+            yield from answer_rows(model, todo[start : start + batch_size], cache, base=base, defaults=defaults)
+
+    return drive_batch(requests_path, output_path, answer, resume=resume, progress=progress, shard=shard)
+
+
+def drive_batch(
+    requests_path: str | os.PathLike,
+    output_path: str | os.PathLike,
+    answer: Callable[[list[tuple[int, str | dict[str, Any]]]], Iterable[dict[str, Any]]],
+    *,
+    resume: bool = False,
+    progress: bool | None = None,
+    shard: tuple[int, int] = (0, 1),
+) -> BatchSummary:
+    """The run loop of the local ``--batch``, its shards and ``--ray``: plan the rows, write an error row per
+    duplicate id, then each row ``answer(todo)`` yields as it comes (``answer`` is called once, and only when rows
+    are left); a Parquet output is finalised only when every row is written, so ``--resume`` can continue it."""
     src = Path(requests_path)
     if not src.is_file():
         raise UsageError(f"batch file not found: {src}")
-    if batch_size < 1:
-        raise UsageError(f"--batch-size must be a positive integer, got {batch_size}")
     output = OutputFile(output_path, resume)
-    cache = cache if cache is not None else FeatureCache()
-
     summary = BatchSummary()
     t0 = time.perf_counter()
     finished = False
@@ -449,14 +469,12 @@ def run_batch(
         summary.total, summary.skipped = plan.total, plan.skipped
         bar = _progress(len(plan.pending), sys.stderr.isatty() if progress is None else progress)
         try:
-            for start in range(0, len(plan.pending), batch_size):
-                window = plan.pending[start : start + batch_size]
-                for line, row, first in window:
-                    if first is not None:
-                        _record(output, summary, bar, duplicate_row(row, line, first))
-                todo = [(line, row) for line, row, first in window if first is None]
-                for answer in answer_rows(model, todo, cache, base=src.parent, defaults=defaults):
-                    _record(output, summary, bar, answer)
+            for line, row, first in plan.pending:
+                if first is not None:
+                    _record(output, summary, bar, duplicate_row(row, line, first))
+            todo = [(line, row) for line, row, first in plan.pending if first is None]
+            for row in answer(todo) if todo else ():
+                _record(output, summary, bar, row)
             finished = True
         finally:
             bar.close()

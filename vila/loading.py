@@ -179,8 +179,8 @@ def quiet_load(cfg: VilaConfig, name: str) -> Iterator[None]:
     from transformers.utils import logging as hf_logging
 
     bar = None
-    files = checkpoint_files(cfg)
-    if sys.stderr.isatty() and sum(os.stat(f).st_size for f in files) > BIG_CHECKPOINT_BYTES:
+    files = checkpoint_files(cfg) if sys.stderr.isatty() else []  # no bar off a terminal: nothing to look at
+    if sum(os.stat(f).st_size for f in files) > BIG_CHECKPOINT_BYTES:
         from tqdm import tqdm
 
         total = sum(_tensor_count(f) for f in files) or None

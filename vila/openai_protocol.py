@@ -25,7 +25,7 @@ import urllib.parse
 from dataclasses import dataclass, field
 from typing import Any
 
-from .media import Image, Video
+from .media import Image, Video, is_url
 from .prompt import Template, render_chat_template
 
 MB = 1 << 20
@@ -374,7 +374,7 @@ def _load(ref: MediaRef, limits: Limits) -> Image | Video:
     if url[:5].lower() == "data:":
         data = _decode_data_uri(ref, limits)
         source: Any = data
-    elif url[:7].lower() == "http://" or url[:8].lower() == "https://":
+    elif is_url(url):
         data = fetch_url(url, limits, ref.param)
         source = data
     else:

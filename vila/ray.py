@@ -28,22 +28,12 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from .batch import (
-    BatchSummary,
-    OutputFile,
-    _progress,
-    _record,
-    answer_rows,
-    duplicate_row,
-    plan_rows,
-    read_input,
-    rows_to_table,
-)
+from .batch import BatchSummary, answer_rows, drive_batch, rows_to_table
 from .cache import FeatureCache
 
 # For the fault-tolerance test: "ROW_ID@MARKER_PATH" makes the actor that receives that row exit at once, unless
@@ -166,60 +156,37 @@ def run_ray_batch(
 
     from .errors import UsageError
 
-    src = Path(requests_path)
-    if not src.is_file():
-        raise UsageError(f"batch file not found: {src}")
     if replicas < 1 or batch_size < 1:
         raise UsageError("--replicas and --batch-size must be positive integers")
-    output = OutputFile(output_path, resume)
-    summary = BatchSummary()
-    t0 = time.perf_counter()
-    finished = False
-    try:
-        plan = plan_rows(read_input(src), output.done)
-        summary.total, summary.skipped = plan.total, plan.skipped
-        bar = _progress(len(plan.pending), sys.stderr.isatty() if progress is None else progress)
-        try:
-            for line, row, first in plan.pending:
-                if first is not None:
-                    _record(output, summary, bar, duplicate_row(row, line, first))
-            todo = [(line, row) for line, row, first in plan.pending if first is None]
-            if todo:
-                if not ray.is_initialized():
-                    ray.init(address=address or None, logging_level="WARNING")
-                ray.data.DataContext.get_current().enable_progress_bars = False  # ours counts rows, not blocks
-                if gpus_per_replica is None:
-                    gpus_per_replica = 1 if ray.cluster_resources().get("GPU", 0) > 0 else 0
-                ds = ray.data.from_arrow(_blocks(todo, batch_size)).map_batches(
-                    VilaPredictor,
-                    fn_constructor_kwargs={
-                        "model": model,
-                        "defaults": defaults,
-                        "base_dir": str(src.parent.resolve()),
-                        **(load_kwargs or {}),
-                    },
-                    compute=ray.data.ActorPoolStrategy(size=replicas),
-                    num_gpus=gpus_per_replica,
-                    batch_size=batch_size,
-                    batch_format="pyarrow",
-                )
-                as_json = isinstance(todo[0][1], str)
-                written: set[int] = set()
-                for block in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-                    for row in block.to_pylist():
-                        if row["line"] in written:  # a batch retried after its actor died
-                            continue
-                        written.add(row["line"])
-                        if as_json and row["id"] is not None:
-                            row["id"] = json.loads(row["id"])
-                        _record(output, summary, bar, {k: v for k, v in row.items() if v is not None or k == "id"})
-            finished = True
-        finally:
-            bar.close()
-    finally:
-        output.close(finalize=finished)
-    summary.seconds = time.perf_counter() - t0
-    return summary
+    base_dir = str(Path(requests_path).parent.resolve())
+
+    def answer(todo: list[tuple[int, Any]]) -> Iterator[dict[str, Any]]:
+        if not ray.is_initialized():
+            ray.init(address=address or None, logging_level="WARNING")
+        ray.data.DataContext.get_current().enable_progress_bars = False  # ours counts rows, not blocks
+        gpus = gpus_per_replica
+        if gpus is None:
+            gpus = 1 if ray.cluster_resources().get("GPU", 0) > 0 else 0
+        ds = ray.data.from_arrow(_blocks(todo, batch_size)).map_batches(
+            VilaPredictor,
+            fn_constructor_kwargs={"model": model, "defaults": defaults, "base_dir": base_dir, **(load_kwargs or {})},
+            compute=ray.data.ActorPoolStrategy(size=replicas),
+            num_gpus=gpus,
+            batch_size=batch_size,
+            batch_format="pyarrow",
+        )
+        as_json = isinstance(todo[0][1], str)
+        written: set[int] = set()
+        for block in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+            for row in block.to_pylist():
+                if row["line"] in written:  # a batch retried after its actor died
+                    continue
+                written.add(row["line"])
+                if as_json and row["id"] is not None:
+                    row["id"] = json.loads(row["id"])
+                yield {k: v for k, v in row.items() if v is not None or k == "id"}
+
+    return drive_batch(requests_path, output_path, answer, resume=resume, progress=progress)
 
 
 def _blocks(todo: list[tuple[int, Any]], batch_size: int) -> list[Any]:

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from .cache import FeatureCache
+from .streaming import IncrementalDecoder
 
 logger = logging.getLogger("vila.serve")
 
@@ -245,6 +246,8 @@ class _Row:
     job: Job
     budget: int | None
     ids: list[int] = field(default_factory=list)
+    decoder: IncrementalDecoder | None = None  # for rows that stream or watch for stop strings
+    text: str = ""  # what ``decoder`` gave out, left-stripped like the answer
     sent: str = ""
     finish_reason: str | None = None
     cut: str | None = None  # the answer up to a stop string, once one appeared
@@ -257,12 +260,19 @@ class _Row:
 class RowTracker:
     """A stopping criterion for ``generate`` that follows each row's new tokens: it streams text deltas,
     ends a row at a ``stop`` string, at its budget or when its job is cancelled, and makes the final answers
-    (decoded as :meth:`VilaModel.generate` decodes them, cut at a stop string)."""
+    (decoded as :meth:`VilaModel.generate` decodes them, cut at a stop string).
+
+    Each token is decoded once, incrementally (:class:`vila.streaming.IncrementalDecoder`), and stop strings
+    are looked for only where a new match can be: a decode of the whole answer at every token would make a
+    long answer quadratic in its length."""
 
     def __init__(self, model: Any, jobs: Sequence[Job], budgets: Sequence[int | None]):
         self.tokenizer = model.tokenizer
         self.stop_ids = set(model.stop_token_ids)
         self.rows = [_Row(job, budget) for job, budget in zip(jobs, budgets)]
+        for row in self.rows:
+            if row.job.stream or row.job.stop:
+                row.decoder = IncrementalDecoder(self.tokenizer)
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
         last = input_ids[:, -1].tolist()
@@ -282,23 +292,43 @@ class RowTracker:
         if token in self.stop_ids:
             row.finish_reason = "stop"
             return
-        stops = row.job.stop
-        if row.job.stream or stops:
-            text = self.tokenizer.decode(row.ids, skip_special_tokens=True).lstrip()
-            hits = [i for i in (text.find(s) for s in stops) if i >= 0]
-            if hits:
-                row.cut = text[: min(hits)].strip()
-                row.finish_reason = "stop"
-                return
+        if row.decoder is not None:
+            checked = len(row.text)  # no stop string lies wholly inside it (the last step looked)
+            piece = row.decoder.push([token])
+            row.text += piece if row.text else piece.lstrip()
+            stops = row.job.stop
+            if stops:
+                text = self._so_far(row)
+                if text is None:  # the held ids change how the last piece reads: decode it all, look everywhere
+                    text, checked = self.tokenizer.decode(row.ids, skip_special_tokens=True).lstrip(), 0
+                hits = [i for i in (text.find(s, max(0, checked - len(s) + 1)) for s in stops) if i >= 0]
+                if hits:
+                    row.cut = text[: min(hits)].strip()
+                    row.finish_reason = "stop"
+                    return
             if row.job.stream:
-                self._emit(row, _stable(text, stops))
+                self._send(row, _stable(row.text[len(row.sent) :], stops))
         if row.budget is not None and len(row.ids) >= row.budget:
             row.finish_reason = "length"
 
-    def _emit(self, row: _Row, text: str) -> None:
-        if len(text) > len(row.sent) and text.startswith(row.sent):
-            row.job.on_event("delta", text[len(row.sent) :])
-            row.sent = text
+    def _so_far(self, row: _Row) -> str | None:
+        """The answer so far as ``decode(ids).lstrip()`` reads it, so that a stop string counts as soon as the
+        whole answer's decode shows it: the decoder's text plus the ids it holds back (a character split over
+        tokens, a run of byte tokens) decoded after its last piece; None when they change that piece."""
+        d = row.decoder
+        if d.done == len(d.ids):
+            return row.text
+        before = self.tokenizer.decode(d.ids[d.start : d.done])
+        after = self.tokenizer.decode(d.ids[d.start :])
+        if not after.startswith(before):
+            return None
+        held = after[len(before) :]
+        return row.text + held if row.text else held.lstrip()
+
+    def _send(self, row: _Row, piece: str) -> None:
+        if piece:
+            row.job.on_event("delta", piece)
+            row.sent += piece
 
     def finish(self, num_prompt_tokens: Sequence[int]) -> None:
         """Send each live row's last delta and its :class:`Completion`."""
@@ -308,7 +338,7 @@ class RowTracker:
             text = row.cut if row.cut is not None else self._text(row)
             if row.job.stream:
                 if text.startswith(row.sent):
-                    self._emit(row, text)
+                    self._send(row, text[len(row.sent) :])
                 else:  # a later token changed how earlier ones decode; what was sent stands
                     logger.debug("request %s: streamed text diverged from the final decode", row.job.id)
             reason = row.finish_reason or "length"
@@ -316,8 +346,10 @@ class RowTracker:
 
 
 def _stable(text: str, stops: Sequence[str]) -> str:
-    """The part of a partial answer that later tokens cannot change: without trailing whitespace (the answer
-    is stripped), an incomplete character, or a tail that may be the start of a stop string."""
+    """The part of a partial answer's unsent ``text`` that later tokens cannot change: without trailing
+    whitespace (the answer is stripped), an incomplete character, or a tail that may be the start of a stop
+    string. Looking at the unsent text alone is enough: what was sent ended before any such tail, so a stop
+    string that appears later starts after it."""
     text = text.rstrip()
     while text.endswith("\ufffd"):
         text = text[:-1]

@@ -415,11 +415,12 @@ def _quarter_turns(stream: Any, frame: Any | None) -> int:
     return _opencv_quarter_turns(float(rotation)) if isinstance(rotation, (int, float)) else 0
 
 
-def _first_frame(path: Path, pixels: bool = False) -> tuple[int | None, np.ndarray | None]:
-    """A file's quarter turns, read with PyAV, and where asked its first frame as stored (the reference's colours);
-    (None, None) when PyAV is missing or cannot decode the file."""
+def _first_frame(path: Path, pixels: bool = False) -> tuple[int | None, np.ndarray | None, bool]:
+    """A file's quarter turns, read with PyAV, where asked its first frame as stored (the reference's colours), and
+    whether its colour tags change colour (``_tags_change_colour``), all from one opening of the file;
+    (None, None, False) when PyAV is missing or cannot decode the file."""
     if not _importable("av"):
-        return None, None
+        return None, None, False
     import av
 
     try:
@@ -427,9 +428,9 @@ def _first_frame(path: Path, pixels: bool = False) -> tuple[int | None, np.ndarr
             stream = container.streams.video[0]
             frame = next(container.decode(stream), None)
             rgb = reference_rgb(frame) if pixels and frame is not None else None
-            return _quarter_turns(stream, frame), rgb
+            return _quarter_turns(stream, frame), rgb, _tags_change_colour(stream)
     except Exception:  # noqa: BLE001 - unreadable for PyAV: the other decoder's frames stand
-        return None, None
+        return None, None, False
 
 
 _TRANSPOSE = {1: PIL.Image.Transpose.ROTATE_90, 2: PIL.Image.Transpose.ROTATE_180, 3: PIL.Image.Transpose.ROTATE_270}
@@ -516,7 +517,9 @@ class _OpenCVReader:
 
     name = "opencv"
 
-    def __init__(self, path: Path, threads: int = 0, *, quarter_turns: int | None = None) -> None:
+    def __init__(
+        self, path: Path, threads: int = 0, *, quarter_turns: int | None = None, recolour: bool | None = None
+    ) -> None:
         import cv2
 
         self._cv2 = cv2
@@ -530,8 +533,10 @@ class _OpenCVReader:
         # display matrix): frames are taken as stored and turned here, the same way whatever the version.
         if hasattr(cv2, "CAP_PROP_ORIENTATION_AUTO"):
             self._cap.set(cv2.CAP_PROP_ORIENTATION_AUTO, 0)
-        self._turns = quarter_turns  # found at the first frame read when not given
-        self._recolour: _PtsFrames | bool | None = None  # decided at the first frame read
+        # Both found with one PyAV opening at the first frame read when not given (a reopened reader is given them).
+        self._turns = quarter_turns
+        self._tags_change_colour = recolour
+        self._recolour: _PtsFrames | bool | None = None  # PyAV's frames where the tags change colour
         self._own_colour = 0  # frames whose pixels could not be recoloured
         count = self._cap.get(cv2.CAP_PROP_FRAME_COUNT)
         self.frame_count = int(count) if np.isfinite(count) else 0
@@ -577,14 +582,24 @@ class _OpenCVReader:
             self._next = i + 1
             yield i, self._pixels(i, frame)
 
-    def quarter_turns(self) -> int:
-        """The display matrix's quarter turns: PyAV's reading of it, else OpenCV's own (0 where OpenCV 4.11 misses it)."""
+    def _probe(self) -> None:
+        turns, _, self._tags_change_colour = _first_frame(Path(self._path))
         if self._turns is None:
-            turns = _first_frame(Path(self._path))[0]
             if turns is None and hasattr(self._cv2, "CAP_PROP_ORIENTATION_META"):
                 turns = _opencv_quarter_turns(-self._cap.get(self._cv2.CAP_PROP_ORIENTATION_META))
             self._turns = turns or 0
+
+    def quarter_turns(self) -> int:
+        """The display matrix's quarter turns: PyAV's reading of it, else OpenCV's own (0 where OpenCV 4.11 misses it)."""
+        if self._turns is None:
+            self._probe()
         return self._turns
+
+    def tags_change_colour(self) -> bool:
+        """Whether OpenCV 5 would colour this file other than the reference (then PyAV decodes its frames)."""
+        if self._tags_change_colour is None:
+            self._probe()
+        return bool(self._tags_change_colour)
 
     def _pixels(self, index: int, frame: np.ndarray) -> PIL.Image.Image:
         """OpenCV's frame, or where OpenCV would colour it by the stream's tags, the same frame decoded by PyAV;
@@ -594,7 +609,7 @@ class _OpenCVReader:
     def _stored_pixels(self, index: int, frame: np.ndarray) -> PIL.Image.Image:
         if self._recolour is None:
             self._recolour = False
-            if _stream_tags_change_colour(Path(self._path)):
+            if self.tags_change_colour():
                 with contextlib.suppress(Exception):
                     self._recolour = _PtsFrames(Path(self._path))
         if self._recolour:
@@ -825,7 +840,7 @@ class _DecordReader:
         """Quarter turns still to apply to decord's frames: decord turns some files itself (a 180 degree MP4 / MOV,
         by its own FFmpeg's reading of the container) and not others (MKV), so what it did is found by comparing
         its first frame with PyAV's, as stored."""
-        turns, stored = _first_frame(path, pixels=True)
+        turns, stored, _ = _first_frame(path, pixels=True)
         if not turns or first is None or stored is None:
             return 0
         done = [k for k in range(4) if np.rot90(stored, k).shape == first.shape]
@@ -921,7 +936,7 @@ def _open_reader(path: Path, backend: str | None, name: str) -> Iterator[tuple[_
                         warnings.warn(
                             f"decord converts {name} by its colour tags where the reference uses BT.601, so colours "
                             "differ by up to ~40 levels; use backend='pyav' or the automatic choice",
-                            stacklevel=4,
+                            stacklevel=3,
                         )
                 else:
                     candidate.close()
@@ -977,32 +992,11 @@ def _load_file(
 ) -> DecodedVideo:
     if path.stat().st_size == 0:
         raise MediaError(f"video file is empty: {name}; check the file (an interrupted copy or download?)")
-    try:
-        return _decode_file(path, num_frames, fps, backend, progress, transform, name=name)
-    except MediaError as e:
-        # A PDF, a text file, audio...: say what it is rather than that it is a corrupt video. Only asked once the
-        # decoders have failed, so nothing FFmpeg reads (a text playlist, say) is turned away.
-        kind = sniff_file(path)
-        if kind is not None:
-            raise MediaError(unsupported_message(name, kind)) from e
-        raise
-
-
-def _decode_file(
-    path: Path,
-    num_frames: int,
-    fps: float,
-    backend: str | None,
-    progress: bool | None,
-    transform: FrameTransform,
-    *,
-    name: str,
-) -> DecodedVideo:
-    with _open_reader(path, backend, name) as (reader, frame_count, video_fps):
+    with _say_what_it_is(path, name), _open_reader(path, backend, name) as (reader, frame_count, video_fps):
         if fps > 0 and video_fps <= 0:
             warnings.warn(
                 f"{name} has no frame rate; sampling {num_frames} frames uniformly instead of at {fps} fps",
-                stacklevel=3,
+                stacklevel=2,
             )
             fps = 0.0
         indices = sample_indices(frame_count, num_frames, fps=fps, video_fps=video_fps)
@@ -1033,6 +1027,19 @@ def _decode_file(
         if fps <= 0:
             _warn_repeats(name, frame_count, num_frames)
         return _result(decoded, indices, sorted(failed.intersection(indices)), duration=duration, name=name)
+
+
+@contextlib.contextmanager
+def _say_what_it_is(path: Path, name: str) -> Iterator[None]:
+    """A PDF, a text file, audio...: say what it is rather than that it is a corrupt video. Only asked once the
+    decoders have failed, so nothing FFmpeg reads (a text playlist, say) is turned away."""
+    try:
+        yield
+    except MediaError as e:
+        kind = sniff_file(path)
+        if kind is not None:
+            raise MediaError(unsupported_message(name, kind)) from e
+        raise
 
 
 def _warn_repeats(name: str, frame_count: int, num_frames: int) -> None:
@@ -1113,7 +1120,7 @@ def _reopen(reader: _Reader, path: Path, threads: int) -> _Reader:
     if isinstance(reader, _PyAVReader):
         return reader.reopen(threads)
     if isinstance(reader, _OpenCVReader):
-        return _OpenCVReader(path, threads, quarter_turns=reader.quarter_turns())
+        return _OpenCVReader(path, threads, quarter_turns=reader.quarter_turns(), recolour=reader.tags_change_colour())
     if isinstance(reader, _DecordReader):
         return _DecordReader(path, threads, extra_turns=reader.extra_turns)
     return type(reader)(path, threads)
