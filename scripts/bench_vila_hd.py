@@ -51,7 +51,9 @@ def bench_tiny(runs: int) -> dict:
     results = [model.generate(parts, max_new_tokens=16) for _ in range(runs)]
     keys = ("preprocess_s", "vision_encode_s", "top_down_s", "look_close_s", "generate_s")
     best = {k: min(r.timings[k] for r in results) for k in keys}
-    info = model.last_look_close
+    from vila.processor import to_turns
+
+    info = model.prepare(to_turns(parts)).look_close
     low, high = info.tokens[0]
     return {
         "model": "vilahd-tiny (ViT width 32, 4 blocks; LLM hidden 64, 2 layers)",

@@ -4,13 +4,14 @@
 It runs on a tiny test checkpoint, on any local checkpoint, or on a *real-size architecture with random
 weights* (shapes define the cost, so nothing is downloaded): the published NVILA configs in
 ``tests/fixtures/hf_configs`` are written to a temporary folder as a real checkpoint (config.json, llm/,
-vision_tower/, mm_projector/, sharded safetensors, the tiny fixture's tokenizer) and loaded through
-``vila.load`` like any other.
+vision_tower/, mm_projector/, the tiny fixture's tokenizer) with the published checkpoints' tensor names, bf16
+dtype, shard split and index files (:func:`published_layout`), and loaded through ``vila.load`` like any other.
 
     python scripts/benchmark.py                                  # tiny NVILA, every CPU sub-benchmark
     python scripts/benchmark.py --model nvila-lite-2b --runs 3   # NVILA-Lite-2B size, random weights
     python scripts/benchmark.py --model nvila-8b --device cuda --json bench.json
     python scripts/benchmark.py --only preprocess,vision --runs 10
+    python scripts/benchmark.py --model nvila-lite-2b --only load,caption --runs 1 --warmup 0   # issue figures
 
 Every figure is the median of ``--runs`` runs after ``--warmup`` runs, printed with min/max. Optimisations
 are shown next to the straightforward code they replace, measured in the same process (ratio ours/baseline),
@@ -47,7 +48,7 @@ REPO = Path(__file__).resolve().parents[1]
 FIXTURES = REPO / "tests" / "fixtures"
 TINY = FIXTURES / "tiny"
 HF_CONFIGS = FIXTURES / "hf_configs"
-SUB_BENCHMARKS = ("load", "preprocess", "request", "video", "vision", "cache", "static")
+SUB_BENCHMARKS = ("load", "preprocess", "request", "video", "vision", "cache", "caption", "static")
 IMAGE_SIZE = (1344, 896)  # the issue's preprocessing case: a 3:2 photo (dynamic_s2: 1 + 4 + 12 tiles)
 PROMPT = "Describe the image in detail."
 
@@ -135,25 +136,157 @@ def skeleton_checkpoint(arch: str, root: Path) -> Path:
     return root
 
 
-def component_modules(root: Path) -> dict[str, torch.nn.Module]:
-    """The three components built on the meta device (names and shapes of every saved tensor)."""
+# Published checkpoints were saved by the reference's `save_pretrained` (NVlabs/VILA
+# `llava/model/llava_arch.py`, `LlavaMetaModel.save_pretrained`) under transformers 4.x: every component
+# folder through transformers' `save_pretrained` with its default `max_shard_size="5GB"`, split by
+# huggingface_hub's `split_torch_state_dict_into_shards` in state-dict order. The published LLM listings
+# agree: NVILA-Lite-8B-stage2's shards are 4.87 / 4.93 / 4.33 / 1.09 GB, the last holding `lm_head` alone.
+MAX_SHARD_BYTES = 5_000_000_000
+_ST_DTYPE = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32"}
+
+
+@dataclass
+class ComponentLayout:
+    """One component folder as transformers 4.x saves it: file name -> tensor names (state-dict order)."""
+
+    shapes: dict[str, tuple[int, ...]]  # every stored tensor, in state-dict order
+    files: dict[str, list[str]]
+    dtype: torch.dtype = torch.bfloat16
+    inits: dict[str, str] = field(default_factory=dict)  # name -> random_tensor init (default "normal")
+
+    @property
+    def sharded(self) -> bool:
+        return len(self.files) > 1
+
+    def nbytes(self, name: str) -> int:
+        return math.prod(self.shapes[name]) * self.dtype.itemsize
+
+    def total_size(self) -> int:
+        return sum(self.nbytes(n) for n in self.shapes)
+
+    def index(self) -> dict[str, Any] | None:
+        """``model.safetensors.index.json`` (only written when there are several shards)."""
+        if not self.sharded:
+            return None
+        weight_map = {n: f for f, names in self.files.items() for n in names}
+        return {"metadata": {"total_size": self.total_size()}, "weight_map": weight_map}
+
+    def index_text(self) -> str | None:
+        index = self.index()
+        # transformers 4.x writes the index with sorted keys, two-space indent and a final newline.
+        return None if index is None else json.dumps(index, indent=2, sort_keys=True) + "\n"
+
+    def header(self, fname: str) -> tuple[bytes, list[str]]:
+        """The safetensors header of one file and its tensors in data order, as ``safetensors.torch.save``
+        lays them out: sorted by name (all of one dtype), ``__metadata__`` first, padded to 8 bytes."""
+        names = sorted(self.files[fname])
+        head: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+        offset = 0
+        for n in names:
+            size = self.nbytes(n)
+            head[n] = {
+                "dtype": _ST_DTYPE[self.dtype],
+                "shape": list(self.shapes[n]),
+                "data_offsets": [offset, offset + size],
+            }
+            offset += size
+        raw = json.dumps(head, separators=(",", ":")).encode()
+        return raw + b" " * (-len(raw) % 8), names
+
+    def file_sizes(self) -> dict[str, int]:
+        """Exact byte size of every file this layout writes (header + data)."""
+        out = {}
+        for fname, names in self.files.items():
+            head, _ = self.header(fname)
+            out[fname] = 8 + len(head) + sum(self.nbytes(n) for n in names)
+        return out
+
+
+def shard_layout(
+    shapes: dict[str, tuple[int, ...]], dtype: torch.dtype = torch.bfloat16, max_shard_bytes: int = MAX_SHARD_BYTES
+) -> ComponentLayout:
+    """huggingface_hub's split (``split_state_dict_into_shards_factory``): walk the state dict in order, start
+    a new shard when the next tensor would tip the current one over the limit; a tensor larger than the limit
+    gets a shard of its own. One shard is ``model.safetensors``, several ``model-0000k-of-0000n.safetensors``."""
+    shards: list[list[str]] = []
+    current: list[str] = []
+    used = 0
+    for name, shape in shapes.items():
+        size = math.prod(shape) * dtype.itemsize
+        if size > max_shard_bytes:
+            shards.append([name])
+            continue
+        if current and used + size > max_shard_bytes:
+            shards.append(current)
+            current, used = [], 0
+        current.append(name)
+        used += size
+    if current:
+        shards.append(current)
+    if len(shards) == 1:
+        files = {"model.safetensors": shards[0]}
+    else:
+        files = {f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors": s for i, s in enumerate(shards)}
+    return ComponentLayout(dict(shapes), files, dtype)
+
+
+def meta_components(
+    top: dict[str, Any], llm: dict[str, Any], vision: dict[str, Any], projector: dict[str, Any]
+) -> dict[str, tuple[torch.nn.Module, str, bool]]:
+    """The three stored components built on the meta device from config dicts (nothing is allocated):
+    ``folder -> (module, prefix of the published names, tied embeddings)``. The whole stored tower is built
+    (every layer, post-LayerNorm, the pooling head where ``vision_use_head``), not the truncated one we run."""
     from transformers import AutoConfig, AutoModelForCausalLM, SiglipVisionConfig, SiglipVisionModel
 
-    from vila.config import parse_config
     from vila.model.projector import MultimodalProjector
 
-    cfg = parse_config(root)
+    drop = ("_name_or_path", "transformers_version", "architectures", "auto_map", "model_type")
+    hf_llm = AutoConfig.for_model(llm["model_type"], **{k: v for k, v in llm.items() if k not in drop})
     with torch.device("meta"):
-        llm = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(cfg.llm_dir))
-        raw = {k: v for k, v in cfg.vision.raw.items() if k not in ("architectures", "_name_or_path")}
-        tower = SiglipVisionModel(SiglipVisionConfig(**raw))
-        projector = MultimodalProjector(cfg.projector_type, cfg.vision.mm_hidden_size, cfg.llm_hidden_size)
-    return {"llm": llm, "vision_tower": tower, "mm_projector": projector}
+        lm = AutoModelForCausalLM.from_config(hf_llm)
+        tower = SiglipVisionModel(SiglipVisionConfig(**{k: v for k, v in vision.items() if k not in drop}))
+        proj = MultimodalProjector(projector["mm_projector_type"], top["mm_hidden_size"], llm["hidden_size"])
+    # transformers 4.x (which saved every published tower) nests the tower under `vision_model`; 5.x dropped
+    # that level from the module tree, so the published names are ours with the prefix put back.
+    return {
+        "llm": (lm, "", bool(getattr(hf_llm, "tie_word_embeddings", False))),
+        "vision_tower": (tower, "vision_model.", False),
+        "mm_projector": (proj, "", False),
+    }
 
 
-def saved_tensors(module: torch.nn.Module, tied: bool) -> dict[str, tuple[tuple[int, ...], str]]:
-    """``name -> (shape, init)`` for every tensor a checkpoint of ``module`` holds."""
-    kinds: dict[str, str] = {}
+def published_layout(
+    components: dict[str, tuple[torch.nn.Module, str, bool]],
+    dtype: torch.dtype = torch.bfloat16,
+    max_shard_bytes: int = MAX_SHARD_BYTES,
+) -> dict[str, ComponentLayout]:
+    """Per component folder, the files a published checkpoint holds (:func:`meta_components`): transformers
+    4.x names, no tied ``lm_head`` (``save_pretrained`` drops the shared copy), ``dtype``, sharded as
+    ``save_pretrained`` shards."""
+    out = {}
+    for folder, (module, prefix, tied) in components.items():
+        shapes = {prefix + k: tuple(v.shape) for k, v in module.state_dict().items()}
+        if tied:
+            shapes.pop("lm_head.weight", None)
+        layout = shard_layout(shapes, dtype, max_shard_bytes)
+        layout.inits = {prefix + k: v for k, v in init_kinds(module).items()}
+        out[folder] = layout
+    return out
+
+
+def checkpoint_components(root: Path) -> dict[str, tuple[torch.nn.Module, str, bool]]:
+    """:func:`meta_components` from a checkpoint folder's JSON files."""
+    return meta_components(
+        _json(root / "config.json"),
+        _json(root / "llm" / "config.json"),
+        _json(root / "vision_tower" / "config.json"),
+        _json(root / "mm_projector" / "config.json"),
+    )
+
+
+def init_kinds(module: torch.nn.Module) -> dict[str, str]:
+    """``name -> "ones" | "zeros" | "normal"``: norm scales 1, biases 0, the rest small normal values."""
+    kinds = {}
     for mname, mod in module.named_modules():
         for pname, _ in mod.named_parameters(recurse=False):
             full = f"{mname}.{pname}" if mname else pname
@@ -163,13 +296,7 @@ def saved_tensors(module: torch.nn.Module, tied: bool) -> dict[str, tuple[tuple[
                 kinds[full] = "ones"
             else:
                 kinds[full] = "normal"
-    out = {}
-    for name, t in module.state_dict().items():
-        if tied and name == "lm_head.weight":
-            continue
-        if name in kinds:
-            out[name] = (tuple(t.shape), kinds[name])
-    return out
+    return kinds
 
 
 def random_tensor(shape: tuple[int, ...], init: str, dtype: torch.dtype, gen: torch.Generator) -> torch.Tensor:
@@ -183,39 +310,37 @@ def random_tensor(shape: tuple[int, ...], init: str, dtype: torch.dtype, gen: to
     return t.to(dtype).cpu()
 
 
-def write_random_weights(
-    root: Path, dtype: torch.dtype, shard_bytes: int = 2 << 30, seed: int = 0, device: str = "cpu"
-) -> dict[str, int]:
-    """Random safetensors for every component of a skeleton checkpoint, sharded like ``save_pretrained``."""
-    from safetensors.torch import save_file
+def write_layout(folder: Path, layout: ComponentLayout, gen: torch.Generator) -> None:
+    """Stream one component's random tensors to disk, one tensor in memory at a time, in exactly the bytes
+    ``safetensors.torch.save_file`` would write; plus the index when sharded."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for fname in layout.files:
+        head, names = layout.header(fname)
+        with open(folder / fname, "wb") as f:
+            f.write(len(head).to_bytes(8, "little"))
+            f.write(head)
+            for n in names:
+                t = random_tensor(layout.shapes[n], layout.inits.get(n, "normal"), layout.dtype, gen).contiguous()
+                f.write(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    text = layout.index_text()
+    if text is not None:
+        (folder / "model.safetensors.index.json").write_text(text)
 
+
+def write_random_weights(
+    root: Path,
+    dtype: torch.dtype = torch.bfloat16,
+    max_shard_bytes: int = MAX_SHARD_BYTES,
+    seed: int = 0,
+    device: str = "cpu",
+) -> dict[str, int]:
+    """Random weights for every component of a skeleton checkpoint, laid out as the published ones
+    (:func:`published_layout`); returns the weight bytes per folder."""
     gen = torch.Generator(device=device).manual_seed(seed)
-    sizes = {}
-    for folder, module in component_modules(root).items():
-        tied = bool(getattr(getattr(module, "config", None), "tie_word_embeddings", False))
-        tensors = saved_tensors(module, tied)
-        shards: list[list[str]] = [[]]
-        used = 0
-        for name, (shape, _) in tensors.items():
-            n = math.prod(shape) * dtype.itemsize
-            if shards[-1] and used + n > shard_bytes:
-                shards.append([])
-                used = 0
-            shards[-1].append(name)
-            used += n
-        index, total = {}, 0
-        for i, names in enumerate(shards):
-            fname = "model.safetensors" if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            state = {n: random_tensor(tensors[n][0], tensors[n][1], dtype, gen) for n in names}
-            total += sum(t.numel() * t.element_size() for t in state.values())
-            save_file(state, root / folder / fname, metadata={"format": "pt"})
-            index.update(dict.fromkeys(names, fname))
-            del state
-        if len(shards) > 1:
-            meta = {"metadata": {"total_size": total}, "weight_map": index}
-            (root / folder / "model.safetensors.index.json").write_text(json.dumps(meta, indent=2))
-        sizes[folder] = total
-    return sizes
+    layouts = published_layout(checkpoint_components(root), dtype, max_shard_bytes)
+    for folder, layout in layouts.items():
+        write_layout(root / folder, layout, gen)
+    return {folder: layout.total_size() for folder, layout in layouts.items()}
 
 
 def checkpoint_weight_bytes(root: Path, dtype: torch.dtype | None = None) -> int:
@@ -637,11 +762,10 @@ def load_child(root: str, device: str, dtype: str) -> None:
     t0 = time.perf_counter()
     from transformers import MODEL_FOR_CAUSAL_LM_MAPPING, AutoConfig, SiglipVisionModel  # noqa: F401
 
-    from vila.config import parse_config
     from vila.loading import load
 
     # Import the model code first (transformers imports it lazily): code is not weights.
-    MODEL_FOR_CAUSAL_LM_MAPPING[type(AutoConfig.from_pretrained(parse_config(Path(root)).llm_dir))]
+    MODEL_FOR_CAUSAL_LM_MAPPING[type(AutoConfig.from_pretrained(Path(root) / "llm"))]
     import_s = time.perf_counter() - t0
     base = current_rss_bytes()
     t0 = time.perf_counter()
@@ -660,16 +784,49 @@ def load_child(root: str, device: str, dtype: str) -> None:
     print(json.dumps(out))
 
 
+def read_and_convert(root: Path, dtype: torch.dtype) -> int:
+    """The load baseline, no library code: read every weight file's bytes once (from the page cache once warm)
+    and convert each tensor to ``dtype``. Returns the bytes read."""
+    from safetensors.torch import load as load_bytes
+
+    nbytes = 0
+    for f in sorted(root.glob("*/*.safetensors")):
+        data = f.read_bytes()
+        nbytes += len(data)
+        for t in load_bytes(data).values():
+            t.to(dtype)
+        del data
+    return nbytes
+
+
+def load_baseline_child(root: str, dtype: str) -> None:
+    """Runs in a fresh process, like :func:`load_child`: :func:`read_and_convert` timed, as one JSON line."""
+    from vila.device import resolve_dtype
+
+    target = resolve_dtype(dtype, torch.device("cpu"))
+    t0 = time.perf_counter()
+    nbytes = read_and_convert(Path(root), target)
+    print(json.dumps({"load_s": time.perf_counter() - t0, "bytes": nbytes}))
+
+
+def _child(cmd: list[str], root: Path) -> dict[str, Any]:
+    out = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if out.returncode != 0:
+        raise RuntimeError(f"loading {root} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def bench_load(report: Report, root: Path, args: argparse.Namespace, dtype: torch.dtype) -> None:
-    print("load (fresh process per run; page cache warm)")
-    runs = []
+    print("load (fresh process per run; page cache warm), interleaved with the read-and-convert baseline")
+    runs, base_runs = [], []
     for i in range(args.warmup + args.runs):
         cmd = [sys.executable, __file__, "--load-child", str(root), "--device", args.device, "--dtype", str(dtype)]
-        out = subprocess.run(cmd, capture_output=True, text=True, check=False)
-        if out.returncode != 0:
-            raise RuntimeError(f"loading {root} failed:\n{out.stderr[-3000:]}")
+        ours = _child(cmd, root)
+        base = _child([*cmd, "--load-baseline"], root) if args.device == "cpu" else None
         if i >= args.warmup:
-            runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
+            runs.append(ours)
+            if base is not None:
+                base_runs.append(base)
     weights = checkpoint_weight_bytes(root, dtype)
     load = Stat.of([r["load_s"] for r in runs])
     peak = Stat.of([r["peak_rss"] / 2**30 for r in runs], "GiB")
@@ -690,6 +847,12 @@ def bench_load(report: Report, root: Path, args: argparse.Namespace, dtype: torc
         "(torch, transformers and the model code; once per process)",
     )
     report.add(sec, "load_time", load, "(vila.load after the imports)")
+    if base_runs:
+        baseline = Stat.of([r["load_s"] for r in base_runs])
+        report.add(
+            sec, "baseline_read_and_convert", baseline, f"(every file's bytes read once, each tensor to {dtype})"
+        )
+        report.ratio(sec, "load_over_baseline", load, baseline)
     report.add(sec, "load_s_per_gb", round(load.median / (weights / 1e9), 4))
     report.add(sec, "peak_rss", peak)
     report.add(sec, "rss_after_import_gib", round(base / 2**30, 3), "(python, torch, transformers, the model code)")
@@ -922,16 +1085,10 @@ def greedy_config(model: Any, new_tokens: int, **extra: Any) -> Any:
     """Greedy decoding of exactly ``new_tokens`` tokens: random weights would stop at any time, so the only
     stop token is one past the vocabulary, which argmax can never pick (``min_new_tokens`` would add a
     vocabulary-sized mask to every step, which is not what users run)."""
+    from transformers import GenerationConfig
+
     never = model.llm.get_output_embeddings().weight.shape[0]
-    g = model.generation_config(
-        max_new_tokens=new_tokens,
-        do_sample=False,
-        temperature=None,
-        top_p=None,
-        top_k=None,
-        prompt_len=0,
-        stop_token_ids=[never],
-    )
+    g = GenerationConfig(max_new_tokens=new_tokens, do_sample=False, eos_token_id=[never])
     for k, v in extra.items():
         setattr(g, k, v)
     return g
@@ -1133,6 +1290,138 @@ def bench_cache(report: Report, model: Any, args: argparse.Namespace, timer: Tim
     report.add(sec, "same_tokens", True)
 
 
+# -- sub-benchmark: a captioning job, batched vs one by one through the library ---------------------------------
+
+
+@contextlib.contextmanager
+def full_length_decoding(model: Any) -> Iterator[None]:
+    """Random weights reach a stop token at random points; the job must decode the same number of tokens on
+    both sides. The only stop token becomes one past the vocabulary, which argmax never picks, so every
+    request decodes exactly its budget (the library has no ``min_new_tokens``; a mask would add work)."""
+    saved = model.stop_token_ids
+    model.stop_token_ids = [model.llm.get_output_embeddings().weight.shape[0]]
+    try:
+        yield
+    finally:
+        model.stop_token_ids = saved
+
+
+def caption_batched(model: Any, prompts: list[list[Any]], tokens: int) -> list[Any]:
+    """The library's batched path, in one place: one call of the engine (:func:`vila.engine.run`), which
+    decodes greedy requests together."""
+    from vila import engine
+
+    return engine.run(model, [engine.Request(p, {"max_new_tokens": tokens, "temperature": 0}) for p in prompts])
+
+
+def caption_one_by_one(model: Any, prompts: list[list[Any]], tokens: int) -> list[Any]:
+    """The same requests, one ``model.generate`` each."""
+    return [model.generate(p, max_new_tokens=tokens, temperature=0) for p in prompts]
+
+
+def decode_rate(results: list[Any], together: bool) -> tuple[float, float, int]:
+    """Decode tokens/s from the timings the results carry: each request's tokens after its first, over its
+    first-to-last token time. Requests decoded together overlap (the job's decode time is the longest one);
+    one by one they add up."""
+    tokens, times = 0, []
+    for r in results:
+        steps, rate = r.timings.get("num_generated_tokens", 0), r.timings.get("decode_tokens_per_s")
+        if steps > 1 and rate:
+            tokens += int(steps) - 1
+            times.append((steps - 1) / rate)
+    seconds = (max(times) if together else sum(times)) if times else 0.0
+    return (tokens / seconds if seconds else float("nan")), seconds, tokens
+
+
+def bench_caption(report: Report, model: Any, args: argparse.Namespace, timer: Timer, workdir: Path) -> None:
+    """``--caption-images`` 448x448 images, ``--caption-tokens`` greedy tokens each: the batched path against
+    one ``generate`` per image, alternating, with the decode phase timed from inside both."""
+    n, tokens = args.caption_images, args.caption_tokens
+    paths = []
+    for i in range(n):
+        paths.append(workdir / f"caption-{i}.jpg")
+        test_image((448, 448), seed=100 + i).save(paths[-1], quality=90)
+    import vila
+
+    prompts = [[vila.Image(p), PROMPT] for p in paths]
+    print(f"captioning job: {n} images 448x448, {tokens} greedy tokens each; batched vs one by one")
+    res: dict[str, list[dict[str, Any]]] = {"batched": [], "one_by_one": []}
+    with full_length_decoding(model):
+        # Warm-up (first-call allocations, thread pools), short: at real size every token costs seconds.
+        caption_one_by_one(model, prompts[:1], 2)
+        for _ in range(args.caption_runs):
+            for name, fn in (("batched", caption_batched), ("one_by_one", caption_one_by_one)):
+                with timer() as t:
+                    results = fn(model, prompts, tokens)
+                rate, dec_s, _ = decode_rate(results, together=name == "batched")
+                res[name].append({"total_s": t[0], "decode_tok_s": rate, "decode_s": dec_s, "results": results})
+    sec = "caption"
+    b, o = res["batched"], res["one_by_one"]
+    report.add(sec, "images", n)
+    report.add(sec, "new_tokens_per_image", tokens, "(stop token disabled on both sides: full-length decoding)")
+    report.add(sec, "tokens_generated_batched", sum(len(r.token_ids) for r in b[0]["results"]))
+    report.add(sec, "tokens_generated_one_by_one", sum(len(r.token_ids) for r in o[0]["results"]))
+    total_b, total_o = Stat.of([r["total_s"] for r in b]), Stat.of([r["total_s"] for r in o])
+    report.add(sec, "total_batched", total_b)
+    report.add(sec, "total_one_by_one", total_o)
+    report.ratio(sec, "total_batched_over_one_by_one", total_b, total_o)
+    report.add(sec, "one_request_average", Stat.of([r["total_s"] / n for r in o]), "(one by one, per image)")
+    rate_b = Stat.of([r["decode_tok_s"] for r in b], "tok/s")
+    rate_o = Stat.of([r["decode_tok_s"] for r in o], "tok/s")
+    report.add(sec, f"decode_batch{n}", rate_b, "(tokens after the first / first-to-last step time)")
+    report.add(sec, "decode_batch1", rate_o)
+    report.add(sec, "decode_speedup", round(rate_b.median / rate_o.median, 3), f"(batch {n} / batch 1 tok/s)")
+    report.add(sec, "decode_time_batched", Stat.of([r["decode_s"] for r in b]))
+    report.add(sec, "decode_time_one_by_one", Stat.of([r["decode_s"] for r in o]), "(sum over the requests)")
+    same = [x.token_ids == y.token_ids for x, y in zip(b[0]["results"], o[0]["results"])]
+    report.add(sec, "same_answers", f"{sum(same)}/{len(same)}", "(greedy tokens, batched vs one by one)")
+
+
+def print_summary(report: Report) -> None:
+    """The headline figures as one table: ours, the baseline, the ratio and the goal, on this machine."""
+    s = report.sections
+    lines = []
+
+    def row(what: str, ours: Any, base: Any, ratio: float, goal: str) -> None:
+        lines.append(f"  {what:<34} {ours:>14} {base:>14} {ratio:>8.3f}  {goal}")
+
+    med = lambda d: d["median"]  # noqa: E731
+    if "load" in s and "baseline_read_and_convert" in s["load"]:
+        ld = s["load"]
+        row(
+            "load (s)",
+            f"{med(ld['load_time']):.2f}",
+            f"{med(ld['baseline_read_and_convert']):.2f}",
+            ld["load_over_baseline"],
+            "<= 1.5 (baseline: read bytes + convert)",
+        )
+    if "caption" in s:
+        c = s["caption"]
+        n = c["images"]
+        row(
+            f"caption job, {n} images (s)",
+            f"{med(c['total_batched']):.2f}",
+            f"{med(c['total_one_by_one']):.2f}",
+            c["total_batched_over_one_by_one"],
+            "<= 0.45 (baseline: one by one)",
+        )
+        row(
+            f"decode tok/s, batch {n} vs 1",
+            f"{med(c[f'decode_batch{n}']):.3g}",
+            f"{med(c['decode_batch1']):.3g}",
+            c["decode_speedup"],
+            ">= 4 (ratio = speedup)",
+        )
+    if not lines:
+        return
+    m = report.machine
+    print(
+        f"summary on {m['cpu']} ({m['cpu_count']} CPUs, {m['torch_threads']} threads, {m['memory_gb']} GB), {report.setup['model']}, {report.setup['dtype']}"
+    )
+    print(f"  {'':<34} {'ours':>14} {'baseline':>14} {'ratio':>8}  goal")
+    print("\n".join(lines))
+
+
 # -- sub-benchmark: static KV cache + torch.compile vs dynamic cache (CUDA) ------------------------------------
 
 
@@ -1193,6 +1482,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--runs", type=int, default=5, help="timed runs per figure (the median is reported)")
     p.add_argument("--warmup", type=int, default=1, help="untimed runs before the timed ones")
     p.add_argument("--new-tokens", type=int, default=16, help="greedy tokens generated per request")
+    p.add_argument("--caption-images", type=int, default=8, help="images of the captioning job (448x448)")
+    p.add_argument("--caption-tokens", type=int, default=128, help="greedy tokens per image in the captioning job")
+    p.add_argument("--caption-runs", type=int, default=1, help="timed runs of the captioning job (each side)")
     p.add_argument(
         "--workdir", default=None, help="where real-size random checkpoints are written (default: a temp dir, removed)"
     )
@@ -1205,6 +1497,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="skip timing each stage's bare matmuls after every run (halves the time on big models)",
     )
     p.add_argument("--load-child", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--load-baseline", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     unknown = set(args.only.split(",")) - set(SUB_BENCHMARKS)
     if unknown:
@@ -1216,6 +1509,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
+    if args.load_child and args.load_baseline:
+        load_baseline_child(args.load_child, args.dtype)
+        return {}
     if args.load_child:
         load_child(args.load_child, args.device, args.dtype)
         return {}
@@ -1255,7 +1551,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             bench_load(report, root, args, dtype)
         if "preprocess" in only:
             bench_preprocess(report, args, timer)
-        needs_model = {"request", "video", "vision", "cache", "static"} & set(only)
+        needs_model = {"request", "video", "vision", "cache", "caption", "static"} & set(only)
         if needs_model:
             from vila.loading import load
 
@@ -1269,6 +1565,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 bench_vision(report, model, args, timer, ceil)
             if "cache" in only:
                 bench_cache(report, model, args, timer, workdir)
+            if "caption" in only:
+                bench_caption(report, model, args, timer, workdir)
             if "static" in only:
                 if device.type == "cuda":
                     import vila
@@ -1282,6 +1580,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     print("static: skipped (CUDA only: transformers compiles the static-cache decode step on CUDA)")
                     report.add("static", "status", "skipped: CUDA only")
             ceil.report(report)
+        print_summary(report)
         out = asdict(report)
         if args.json == "-":
             print(json.dumps(out, indent=2))

@@ -159,3 +159,57 @@ def test_importing_the_loading_module_never_shadows_vila_load():
     import vila.loading
 
     assert callable(vila.load) and vila.load is vila.loading.load
+
+
+# -- logits and scoring ----------------------------------------------------------------------------------
+
+
+def hand_log_likelihood(model, prompt, continuation: str) -> float:
+    """The continuation's log-probability, computed here step by step: the prompt's embeddings (media spliced)
+    followed by the continuation tokens' embeddings through ``model.llm``, one sequence, no padding."""
+    prepared = model.prepare(to_turns(prompt))
+    tok = model.tokenizer
+    ids = tok(prepared.prompt_text + continuation).input_ids[len(tok(prepared.prompt_text).input_ids) :]
+    with torch.no_grad():
+        tail = model.llm.get_input_embeddings()(torch.tensor(ids, dtype=torch.long))
+        logits = model.llm(inputs_embeds=torch.cat([prepared.inputs_embeds, tail])[None]).logits[0]
+    logprobs = torch.log_softmax(logits[:, : min(len(tok), logits.shape[-1])].double(), dim=-1)
+    n = prepared.inputs_embeds.shape[0]
+    return sum(float(logprobs[n - 1 + k, t]) for k, t in enumerate(ids))
+
+
+@pytest.mark.parametrize("with_image", [False, True])
+def test_score_equals_a_hand_computation(tiny_model, with_image):
+    model = tiny_model("nvila-tiny")
+    prompt = [vila.Image(DEMO), "What is it?"] if with_image else "What is it?"
+    continuations = ["A tiger.", " no", "It is a large striped cat sitting in the grass", ""]
+    scores = model.score(prompt, continuations)
+    want = [hand_log_likelihood(model, prompt, c) for c in continuations]
+    assert scores[-1] == want[-1] == 0.0
+    assert all(s < 0 for s in scores[:-1])
+    for got, expected in zip(scores, want):
+        assert got == pytest.approx(expected, rel=1e-4, abs=1e-3)
+
+
+def test_score_ranks_the_greedy_answer_first(tiny_model):
+    model = tiny_model("nvila-tiny")
+    prompt = [vila.Image(DEMO), "Describe the image."]
+    greedy = model.tokenizer.decode(model.generate(prompt, max_new_tokens=4).token_ids)
+    gen = torch.Generator().manual_seed(0)
+    random = model.tokenizer.decode(torch.randint(0, 5000, (4,), generator=gen).tolist())
+    best, other = model.score(prompt, [greedy, random])
+    assert best > other
+
+
+def test_forward_returns_the_llm_logits(tiny_model):
+    model = tiny_model("nvila-tiny")
+    prepared = model.prepare(to_turns([vila.Image(DEMO), "Hi"]))
+    with torch.no_grad():
+        logits = model(inputs_embeds=prepared.inputs_embeds[None])
+        ids = torch.tensor([model.tokenizer("Hi there").input_ids])
+        assert torch.equal(model(input_ids=ids), model.llm(input_ids=ids).logits)
+    assert logits.shape == (1, prepared.inputs_embeds.shape[0], model.llm.config.vocab_size)
+    with pytest.raises(UsageError, match="exactly one"):
+        model(input_ids=ids, inputs_embeds=prepared.inputs_embeds[None])
+    with pytest.raises(UsageError, match="non-empty list"):
+        model.score("Hi", "yes")

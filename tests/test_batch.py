@@ -15,6 +15,7 @@ from conftest import TINY, read_rows, wait_for_lines, write_jsonl
 
 import vila
 import vila.batch
+import vila.engine
 from vila.batch import answered_keys, run_batch
 
 
@@ -29,8 +30,10 @@ def test_batched_greedy_answers_equal_one_by_one(tiny_model, images, monkeypatch
     ]
     src = write_jsonl(images / "req.jsonl", requests)
     batched_calls = []
-    real = vila.batch.generate_batch
-    monkeypatch.setattr(vila.batch, "generate_batch", lambda *a: batched_calls.append(len(a[1])) or real(*a))
+    real = vila.engine.decode
+    monkeypatch.setattr(
+        vila.engine, "decode", lambda llm, rows, **kw: batched_calls.append(len(rows)) or real(llm, rows, **kw)
+    )
     summary = run_batch(model, src, images / "out.jsonl", batch_size=8, defaults={"max_new_tokens": 8}, progress=False)
     assert batched_calls == [4]  # all four went through the LLM together
     assert (summary.answered, summary.failed) == (4, 0)
@@ -46,13 +49,12 @@ def test_batched_greedy_answers_equal_one_by_one(tiny_model, images, monkeypatch
         assert rows[req["id"]]["media_tokens"] == single.media_tokens
 
 
-def test_generate_batch_returns_what_generate_returns(tiny_model):
+def test_one_engine_call_returns_what_generate_returns(tiny_model):
     model = tiny_model("vila15-tiny")
     texts = ("short", "a much longer prompt " * 20, "medium sized prompt here")
-    prepared = [model.prepare(vila.model.vila.to_turns(t)) for t in texts]
-    answers = vila.batch.generate_batch(model, prepared, 9)
+    answers = vila.engine.run(model, [vila.engine.Request(t, {"max_new_tokens": 9}) for t in texts])
     singles = [model.generate(t, max_new_tokens=9) for t in texts]
-    assert [(s.token_ids, s.text) for s in singles] == answers
+    assert [(s.token_ids, s.text) for s in singles] == [(a.token_ids, a.text) for a in answers]
 
 
 def test_bad_rows_are_recorded_and_the_run_goes_on(tiny_model, images):

@@ -369,14 +369,14 @@ def test_meta_names_equal_the_tiny_checkpoints_files():
 
 # -- layouts that cannot be run: clear errors ------------------------------------------------------------------
 @pytest.mark.parametrize("model_type", ["nvila", "nvila_lite"])
-def test_single_folder_hf_layout_is_named_in_the_error(model_type):
-    with pytest.raises(UnsupportedModelError, match=f"single-folder '-hf' layout \\(model_type '{model_type}'"):
+def test_single_folder_config_without_nested_configs_is_named(model_type):
+    with pytest.raises(CheckpointError, match=f"model_type '{model_type}' needs text_config and vision_config"):
         config_from_dicts({"model_type": model_type, "architectures": ["NVILAForConditionalGeneration"]})
 
 
-def test_single_folder_hf_layout_error_from_a_folder(tmp_path):
+def test_single_folder_config_without_nested_configs_from_a_folder(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "nvila", "architectures": ["X"]}))
-    with pytest.raises(UnsupportedModelError, match="without the -hf suffix"):
+    with pytest.raises(CheckpointError, match="needs text_config and vision_config"):
         meta_from_folder(tmp_path)
 
 

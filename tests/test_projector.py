@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from vila.errors import UnsupportedModelError
-from vila.model.encoders import pad_frames, tsp_pool, wrap
+from vila.families.encoders import pad_frames, tsp_pool
+from vila.model.encoders import wrap
 from vila.model.projector import DownSample, MultimodalProjector
 
 

@@ -21,7 +21,6 @@ import time
 import numpy as np
 import PIL.Image
 import pytest
-import torch
 
 pytest.importorskip("fastapi")
 uvicorn = pytest.importorskip("uvicorn")
@@ -341,12 +340,12 @@ def test_missing_or_wrong_key_is_401(keyed):
 
 
 def test_a_failing_generation_is_a_500_and_the_server_goes_on(srv, monkeypatch):
-    import vila.batch
+    import vila.engine
 
     def boom(*args, **kwargs):
         raise RuntimeError("secret internals")
 
-    monkeypatch.setattr(vila.batch, "generate_batch", boom)
+    monkeypatch.setattr(vila.engine, "decode", boom)
     with pytest.raises(openai.InternalServerError) as e:
         ask(srv[0], [{"role": "user", "content": "Hi"}], max_tokens=2)
     assert "secret" not in e.value.response.text and "Traceback" not in e.value.response.text
@@ -420,13 +419,13 @@ def _follow(tok, ids, stop, stream=True):
 
     events = []
     job = Job("r", [], {}, lambda kind, payload: events.append((kind, payload)), stop=tuple(stop), stream=stream)
-    rows = RowTracker(SimpleNamespace(tokenizer=tok, stop_token_ids=()), [job], [len(ids)])
+    row = RowTracker(SimpleNamespace(tokenizer=tok, stop_token_ids=()), job)
     ended = len(ids)
     for k in range(1, len(ids) + 1):
-        if rows(torch.tensor([ids[:k]]), None)[0]:
+        if row.step(ids[k - 1]):
             ended = k
             break
-    rows.finish([0])
+    row.finish(0)
     deltas = "".join(p for kind, p in events if kind == "delta")
     return deltas, events[-1][1], ended
 

@@ -12,6 +12,7 @@ import torch
 from conftest import MIXED_REQUESTS, TINY, by_line, read_rows, write_jsonl
 
 import vila.batch
+import vila.engine
 from vila.batch import merge_parts, part_path, run_batch, shard_from_env
 from vila.errors import UsageError
 
@@ -110,20 +111,22 @@ def test_out_of_memory_is_retried_row_by_row_then_an_error_row(tiny_model, tmp_p
     model = tiny_model("nvila-tiny")
     src = write_jsonl(tmp_path / "req.jsonl", [{"id": f"q{i}", "text": f"question {i}"} for i in range(3)])
 
-    def batch_oom(*args, **kwargs):
-        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    real = vila.engine.decode
+    calls = []
 
-    real = model.generate
-
-    def generate(prompt, **kwargs):
-        if "question 1" in str(prompt):
+    def decode(llm, rows, **kwargs):
+        calls.append(len(rows))
+        if len(rows) > 1:  # the whole batch does not fit
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        if len(calls) == 3:  # alone, the second request (q1) still does not fit
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.00 GiB")
-        return real(prompt, **kwargs)
+        return real(llm, rows, **kwargs)
 
-    monkeypatch.setattr(vila.batch, "generate_batch", batch_oom)
-    monkeypatch.setattr(model, "generate", generate)
+    monkeypatch.setattr(vila.engine, "decode", decode)
     summary = run_batch(model, src, tmp_path / "out.jsonl", defaults={"max_new_tokens": 2}, progress=False)
+    monkeypatch.undo()
     rows = {r["id"]: r for r in read_rows(tmp_path / "out.jsonl")}
+    assert calls == [3, 1, 1, 1]
     assert (summary.answered, summary.failed) == (2, 1)
     assert rows["q1"]["error_type"] == "OutOfMemoryError" and "out of memory" in rows["q1"]["error"]
-    assert rows["q0"]["answer"] == real("question 0", max_new_tokens=2).text
+    assert rows["q0"]["answer"] == model.generate("question 0", max_new_tokens=2).text

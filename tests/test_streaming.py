@@ -20,8 +20,8 @@ import pytest
 from conftest import INPUTS, TINY
 
 import vila
+import vila.engine
 import vila.streaming
-from vila.batch import generate_batch
 from vila.cli import main as cli_main
 from vila.errors import MediaError
 from vila.model.vila import VilaModel, to_turns
@@ -303,9 +303,9 @@ def test_max_new_tokens_is_capped_at_what_the_context_leaves(tiny_model, monkeyp
     with pytest.warns(UserWarning, match=warning):
         assert "".join(model.stream_content("hi", max_new_tokens=1000000)) == result.text
     with pytest.warns(UserWarning, match=warning):
-        answers = generate_batch(model, [model.prepare(to_turns(p)) for p in prompts], 1000000)
-    assert [len(ids) <= context - n for (ids, _), n in zip(answers, lengths)] == [True, True]
-    assert answers[0][0] == result.token_ids
+        answers = vila.engine.run(model, [vila.engine.Request(p, {"max_new_tokens": 1000000}) for p in prompts])
+    assert [len(a.token_ids) <= context - n for a, n in zip(answers, lengths)] == [True, True]
+    assert answers[0].token_ids == result.token_ids
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # what fits is not warned about
         model.generate("hi", max_new_tokens=context - lengths[0])

@@ -59,7 +59,7 @@ def test_demo_image_golden(model):
     assert prepared.media_tokens == [m["num_embeddings"] for m in golden["media"]] == [677]
 
     # the top-down prompt pass: position, LLM length, prompt vector
-    info = model.last_look_close
+    info = prepared.look_close
     top_down = golden["ps3"]["top_down"]
     assert [info.top_down_position] == top_down["look_close_position_in_input_ids"]
     assert info.prompt_pass_positions == top_down["prompt_pass_llm_positions"]
@@ -199,7 +199,7 @@ def test_projection_equals_reference_full_grid(model, budgets, smooth, passes):
 @pytest.mark.parametrize("mode", ["after_prompt", "after_image"])
 def test_look_close_modes(model, mode):
     result = model.generate(demo_parts(), max_new_tokens=3, num_look_close=1, look_close_mode=mode)
-    info = model.last_look_close
+    info = model.prepare(to_turns(demo_parts()), num_look_close=1, look_close_mode=mode).look_close
     assert info.settings.look_close_mode == mode and info.num_passes == 1
     # 196 low-res + 160 high-res (budgets of 128 + 512 cells, 4 cells per token) + 1 end token
     assert result.media_tokens == [196 + 160 + 1]
@@ -211,21 +211,20 @@ def test_look_close_modes(model, mode):
 
 
 def test_settings_reach_the_tower(model):
-    model.generate(demo_parts(), max_new_tokens=1, num_token_look_close=1000, look_close_mode="after_image")
-    info = model.last_look_close
+    turns = to_turns(demo_parts())
+    info = model.prepare(turns, num_token_look_close=1000, look_close_mode="after_image").look_close
     assert info.num_passes == 2 and [len(s) for s in info.selected[0]] == [200, 800]  # 640 + (72 + 288)
-    model.generate(demo_parts(), max_new_tokens=1, select_num_each_scale=[64, 256], smooth_selection_prob=True)
-    info = model.last_look_close
+    info = model.prepare(turns, select_num_each_scale=[64, 256], smooth_selection_prob=True).look_close
     assert info.settings.smooth_selection_prob and info.num_passes == 3
     assert [len(s) for s in info.selected[0]] == [192, 768]
-    assert model.last_look_close.settings.select_num_each_scale == (64, 256)
+    assert info.settings.select_num_each_scale == (64, 256)
 
 
 def test_two_images_share_the_prompt(model):
     parts = [vila.Image(INPUTS / "demo_img.png"), vila.Image(INPUTS / "syn_640x480.png"), "Compare them"]
     result = model.generate(parts, max_new_tokens=2, num_look_close=1)
     assert result.media_tokens == [357, 357]
-    info = model.last_look_close
+    info = model.prepare(to_turns(parts), num_look_close=1).look_close
     assert len(info.selected) == 2 and info.prompt.shape == (32,)
 
 
@@ -263,11 +262,27 @@ def test_context_length_is_raised_like_the_reference_cli(model):
     assert model.look_close_settings(num_look_close=20).min_context == 13824
     assert model.look_close_settings().min_context == 0  # checkpoint defaults: no change
     base = model.context_length
-    model._request = model.look_close_settings(num_look_close=20)
-    try:
-        assert model.context_length == max(base, 13824)
-    finally:
-        model._request = None
+    turns = to_turns(demo_parts())
+    assert model.prepare(turns, num_look_close=20).context_length == max(base, 13824)
+    assert model.prepare(turns).context_length == base
+    assert model.context_length == base  # the request's floor stays with the request
+
+
+def test_two_threads_with_different_settings_do_not_mix(model):
+    """Each request's settings and passes travel with it: concurrent calls give the serial answers."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    settings = [
+        {"num_look_close": 1, "look_close_mode": "after_prompt"},
+        {"num_token_look_close": 1000, "look_close_mode": "after_image", "smooth_selection_prob": True},
+    ] * 2
+    serial = [model.generate(demo_parts(), max_new_tokens=4, **s) for s in settings]
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        together = list(pool.map(lambda s: model.generate(demo_parts(), max_new_tokens=4, **s), settings))
+    assert serial[0].media_tokens != serial[1].media_tokens  # the two settings really select differently
+    assert [r.token_ids for r in together] == [r.token_ids for r in serial]
+    assert [r.media_tokens for r in together] == [r.media_tokens for r in serial]
+    assert not {"_request", "_pending", "last_look_close"} & set(vars(model))
 
 
 def test_multi_turn_uses_the_last_user_turn(model):
@@ -278,7 +293,7 @@ def test_multi_turn_uses_the_last_user_turn(model):
     ]
     prepared = model.prepare(to_turns(turns), num_look_close=1)
     ids = prepared.input_ids.tolist()
-    p = model.last_look_close.top_down_position
+    p = prepared.look_close.top_down_position
     end = model.tokenizer("<|im_end|>\n<|im_start|>assistant").input_ids
     assert ids[p + 1 : p + 1 + len(end)] == end and p > len(ids) // 2
 

@@ -17,15 +17,16 @@ from . import errors
 from .media import Image, Video
 
 if TYPE_CHECKING:
+    from .engine import GenerationResult
     from .loading import load
-    from .model.vila import GenerationResult, VilaModel
+    from .model.vila import VilaModel
 
 __version__ = "0.1.0"
 __all__ = ["GenerationResult", "Image", "Video", "VilaModel", "errors", "load", "__version__"]
 
 # These pull in torch and transformers; importing them on first use keeps `import vila` (and `vila-infer --help`)
 # instant. The hook lives on the module's class, so help(vila) shows the API and not the machinery.
-_LAZY = {"load": "loading", "VilaModel": "model.vila", "GenerationResult": "model.vila"}
+_LAZY = {"load": "loading", "VilaModel": "model.vila", "GenerationResult": "engine"}
 
 
 class _Module(types.ModuleType):

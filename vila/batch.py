@@ -15,10 +15,11 @@ that is not a valid request has ``"id": null``); the run goes on. Lines are appe
 so a killed run leaves at most one partial last line; ``--resume`` drops it and skips every request that
 already has a line (answers and errors alike), so after a crash and a resumed run each id has exactly one line.
 
-Requests are taken ``batch_size`` at a time: their media not yet in the feature cache go through the vision
-tower together, and greedy requests with equal settings go through the LLM as one left-padded batch (sampled
-and JSON-mode requests run one by one, so that seeds and grammars behave as in single calls). Batched greedy
-answers equal one-by-one answers (tests/test_batch.py checks it on the tiny checkpoints).
+Requests are taken ``batch_size`` at a time and answered by one call of the engine (:func:`vila.engine.run`):
+their media not yet in the feature cache go through the vision tower together, and greedy requests go through
+the LLM as one batch (sampled and JSON-mode requests run one by one, so that seeds and grammars behave as in
+single calls). Batched greedy answers equal one-by-one answers (tests/test_batch.py checks it on the tiny
+checkpoints).
 """
 
 from __future__ import annotations
@@ -63,14 +64,6 @@ class Request:
     media: list[str]
     settings: dict[str, Any]
     prompt: list[Any] = field(default_factory=list)
-
-    @property
-    def greedy(self) -> bool:
-        t = self.settings.get("temperature")
-        return (t is None or t == 0) and self.settings.get("response_format") is None
-
-    def group_key(self) -> str:
-        return json.dumps({k: v for k, v in self.settings.items() if k != "seed"}, sort_keys=True, default=str)
 
 
 @dataclass
@@ -127,7 +120,7 @@ def row_key(request_id: Any, line: Any) -> str:
 def parse_request(raw: str | dict[str, Any], line: int, base: Path) -> Request:
     """One JSONL line (or a row already decoded, from Parquet or a Ray batch) -> a :class:`Request`, or a
     :class:`UsageError` saying what is wrong with it."""
-    from .model.vila import validate_generation_args
+    from .engine import validate_generation_args
     from .structured import parse_response_format
 
     if isinstance(raw, dict):
@@ -278,7 +271,7 @@ def answer_rows(
     defaults: dict[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
     """One output row (answer or error) per ``(line, row)``, in order: rows are validated, their media kinds
-    checked, and rows with equal settings answered together (see the module docstring). Never raises for a bad row.
+    checked, and the valid ones answered by one engine call (see the module docstring). Never raises for a bad row.
 
     The local ``--batch`` loop, the shards and the Ray predictor all answer through this function."""
     defaults = {k: v for k, v in (defaults or {}).items() if v is not None}
@@ -295,9 +288,8 @@ def answer_rows(
             requests.append(request)
         except VilaError as e:
             out[number] = _error_row(request_id, number, e)
-    for group in _groups(requests):
-        for request, row in zip(group, _answer_group(model, group, cache)):
-            out[request.line] = row
+    for request, row in zip(requests, _answer(model, requests, cache)):
+        out[request.line] = row
     return [out[number] for number, _ in rows]
 
 
@@ -484,13 +476,6 @@ def drive_batch(
     return summary
 
 
-def _groups(requests: Sequence[Request]) -> list[list[Request]]:
-    groups: dict[str, list[Request]] = {}
-    for r in requests:
-        groups.setdefault(r.group_key() if r.greedy else f"single:{r.line}", []).append(r)
-    return list(groups.values())
-
-
 def _record(writer: Any, summary: BatchSummary, bar: Any, row: dict[str, Any]) -> None:
     writer.write(row)
     if "error" in row:
@@ -527,170 +512,41 @@ def _error_row(request_id: Any, line: int, error: BaseException) -> dict[str, An
     }
 
 
-def _answer_row(
-    model: Any,
-    request: Request,
-    text: str,
-    ids: list[int],
-    num_prompt: int,
-    media_tokens: list[int],
-    durations: list[float],
-) -> dict[str, Any]:
+def _answer(model: Any, requests: list[Request], cache: FeatureCache) -> list[dict[str, Any]]:
+    """Rows for ``requests`` from one engine call; a request that fails gets its error row, the others go on."""
+    from . import engine
     from .media import has_video_file
 
-    if has_video_file(request.prompt):
-        text = model.decode_time_tokens(text, durations)
-    return {
-        "id": request.id,
-        "answer": text,
-        "num_prompt_tokens": num_prompt,
-        "num_generated_tokens": len(ids),
-        "media_tokens": media_tokens,
-        "line": request.line,
-    }
-
-
-def _answer_group(model: Any, group: list[Request], cache: FeatureCache) -> list[dict[str, Any]]:
-    """Rows for requests sharing settings: vision batched, then the LLM batched (greedy) or one by one."""
-    from .model.vila import to_turns
-
-    settings = group[0].settings
-    media_kw = {k: settings.get(k) for k in ("num_video_frames", "fps", "video_max_tiles")}
-    use_cache = cache if model.supports_feature_cache else None
-    rows: dict[int, dict[str, Any]] = {}
-    ready: list[tuple[Request, Any]] = []
-    if len(group) > 1 and use_cache is not None:
-        turns = []
-        for r in group:
-            try:
-                turns.append(to_turns(r.prompt))
-            except VilaError as e:
-                rows[r.line] = _error_row(r.id, r.line, e)
-        live = [r for r in group if r.line not in rows]
-        try:
-            prepared = model.prepare_many(turns, cache=use_cache, return_errors=True, **media_kw)
-        except Exception as e:  # noqa: BLE001 - e.g. out of memory for the whole batch: one by one below
-            logger.debug("batched preparation failed; answering one by one", exc_info=True)
-            _release_memory(e)
-            live, prepared = [], []
-        for r, p in zip(live, prepared):
-            if isinstance(p, Exception):
-                rows[r.line] = _error_row(r.id, r.line, p)
-                continue
-            try:
-                model.check_fits(p)
-                ready.append((r, p))
-            except VilaError as e:
-                rows[r.line] = _error_row(r.id, r.line, e)
-    if len(ready) > 1 and group[0].greedy:
-        try:
-            for (r, p), (ids, text) in zip(
-                ready, generate_batch(model, [p for _, p in ready], settings.get("max_new_tokens"))
-            ):
-                rows[r.line] = _answer_row(
-                    model, r, text, ids, p.inputs_embeds.shape[0], p.media_tokens, p.video_durations
-                )
-        except Exception as e:  # noqa: BLE001 - e.g. out of memory for the whole batch: answer one by one below
-            logger.debug("batched generation failed; answering one by one", exc_info=True)
-            _release_memory(e)
-            rows = {line: row for line, row in rows.items() if "error" in row}
-    for r in group:
-        if r.line in rows:
+    jobs = [
+        engine.Request(
+            r.prompt,
+            {**generate_settings(r.settings), "cache": cache, "decode_time_tokens": has_video_file(r.prompt)},
+        )
+        for r in requests
+    ]
+    rows = []
+    for r, result in zip(requests, engine.run(model, jobs, return_errors=True) if jobs else []):
+        if isinstance(result, BaseException):
+            rows.append(_error_row(r.id, r.line, result))
             continue
-        try:
-            result = model.generate(r.prompt, cache=use_cache, **generate_kwargs(r.settings))
-            rows[r.line] = _answer_row(
-                model,
-                r,
-                result.text,
-                result.token_ids,
-                result.num_prompt_tokens,
-                result.media_tokens,
-                result.video_durations,
-            )
-        except Exception as e:  # noqa: BLE001 - one bad request must not stop the run
-            _release_memory(e)
-            rows[r.line] = _error_row(r.id, r.line, e)
-    return [rows[r.line] for r in group]
+        rows.append(
+            {
+                "id": r.id,
+                "answer": result.text,
+                "num_prompt_tokens": result.num_prompt_tokens,
+                "num_generated_tokens": len(result.token_ids),
+                "media_tokens": result.media_tokens,
+                "line": r.line,
+            }
+        )
+    return rows
 
 
-def _release_memory(error: BaseException) -> None:
-    """After an out-of-memory error, hand the cached blocks back, so the rows retried one by one get them."""
-    if isinstance(error, torch.OutOfMemoryError) and torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
-def generate_kwargs(settings: dict[str, Any]) -> dict[str, Any]:
+def generate_settings(settings: dict[str, Any]) -> dict[str, Any]:
     """Request settings -> ``generate`` keyword arguments (a temperature above 0 means sampling)."""
     kwargs = dict(settings)
     kwargs["do_sample"] = (kwargs.get("temperature") or 0) > 0
     return kwargs
-
-
-class _RowBudgets:
-    """Per-row ``max_new_tokens`` inside one batched ``generate`` (input ids hold only new tokens)."""
-
-    def __init__(self, budgets: Sequence[int]):
-        self.budgets = torch.tensor(list(budgets))
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
-        return (input_ids.shape[1] >= self.budgets).to(input_ids.device)
-
-
-def generate_batch(
-    model: Any,
-    prepared: Sequence[Any],
-    max_new_tokens: int | None | Sequence[int | None],
-    *,
-    stopping_criteria: Sequence[Any] = (),
-) -> list[tuple[list[int], str]]:
-    """Greedy answers to several prepared prompts in one left-padded ``llm.generate``; per prompt the token
-    ids (up to and including its stop token) and the text, exactly as :meth:`VilaModel.generate` returns them.
-
-    ``max_new_tokens`` is one budget for all prompts or one per prompt (None: up to the context); extra
-    ``stopping_criteria`` may end single rows (the server streams, cancels and applies stop strings with one)."""
-    from transformers import StoppingCriteriaList
-
-    from .model.vila import cap_new_tokens
-
-    lengths = [p.inputs_embeds.shape[0] for p in prepared]
-    width = max(lengths)
-    if max_new_tokens is None or isinstance(max_new_tokens, int):
-        max_new_tokens = [max_new_tokens] * len(prepared)
-    budgets = [cap_new_tokens(m or None, model.context_length, n) for m, n in zip(max_new_tokens, lengths)]
-    device = model._embed_device
-    embeds = torch.zeros(
-        len(prepared), width, prepared[0].inputs_embeds.shape[1], dtype=prepared[0].inputs_embeds.dtype, device=device
-    )
-    mask = torch.zeros(len(prepared), width, dtype=torch.long, device=device)
-    for i, p in enumerate(prepared):
-        embeds[i, width - lengths[i] :] = p.inputs_embeds.to(device)
-        mask[i, width - lengths[i] :] = 1
-    config = model.generation_config(
-        max_new_tokens=max(budgets),
-        do_sample=False,
-        temperature=1.0,
-        top_p=1.0,
-        top_k=50,
-        prompt_len=min(lengths),  # rows are capped above; the shortest has the most room
-        stop_token_ids=model.stop_token_ids,
-    )
-    with torch.no_grad():
-        out = model.llm.generate(
-            inputs_embeds=embeds,
-            attention_mask=mask,
-            generation_config=config,
-            logits_processor=model._logits_processors(None),
-            stopping_criteria=StoppingCriteriaList([_RowBudgets(budgets), *stopping_criteria]),
-        )
-    stops = set(model.stop_token_ids)
-    answers = []
-    for i, budget in enumerate(budgets):
-        ids = out[i].tolist()[:budget]
-        end = next((k + 1 for k, t in enumerate(ids) if t in stops), len(ids))
-        ids = ids[:end]
-        answers.append((ids, model.tokenizer.decode(ids, skip_special_tokens=True).strip()))
-    return answers
 
 
 def _progress(total: int, enabled: bool) -> Any:

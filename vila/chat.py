@@ -17,10 +17,12 @@ import os
 import sys
 from typing import Any, TextIO
 
+from . import engine
 from .cache import FeatureCache
+from .engine import GenerationResult
 from .errors import UsageError, VilaError
 from .media import Image, Video, is_url, prompt_part
-from .model.vila import GenerationResult, Turn
+from .processor import Turn
 from .streaming import Progress, TextStream, TokenClock
 
 CHAT_HELP = """commands:
@@ -34,7 +36,8 @@ anything else is your message; attached media go before its text."""
 
 class ChatSession:
     """A conversation with one model. ``generation`` settings apply to every turn; ``send`` / ``stream``
-    take per-turn overrides."""
+    take per-turn overrides. Answers come from the engine (:mod:`vila.engine`); the model is only passed on to it,
+    so this module does not import the model's."""
 
     def __init__(
         self,
@@ -66,7 +69,8 @@ class ChatSession:
     def send(self, *parts: Any, **overrides: Any) -> str:
         """Add a user message (text and media parts, in order) and return the answer."""
         user = _user_turn(parts)
-        result = self.model.generate(self._conversation(user), cache=self.cache, **{**self.generation, **overrides})
+        settings = {**self.generation, **overrides}
+        result = engine.generate(self.model, self._conversation(user), cache=self.cache, **settings)
         return self._commit(user, result)
 
     def stream(self, *parts: Any, **overrides: Any) -> ChatStream:
@@ -74,9 +78,8 @@ class ChatSession:
         is complete. Leaving the loop early (or ``close()``) stops the generation and adds nothing. Time tokens
         are not rewritten while streaming (use :meth:`send` for such video answers)."""
         user = _user_turn(parts)
-        pieces = self.model.stream_content(
-            self._conversation(user), cache=self.cache, **{**self.generation, **overrides}
-        )
+        settings = {**self.generation, **overrides}
+        pieces = engine.stream_content(self.model, self._conversation(user), cache=self.cache, **settings)
         return ChatStream(self, user, pieces)
 
     def _conversation(self, user: Turn) -> list[dict[str, Any]]:

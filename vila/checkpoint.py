@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -100,32 +101,92 @@ def download(repo_id: str, *, revision: str | None = None, cache_dir: str | os.P
     return Path(folder)
 
 
-def open_safetensors(folder: Path) -> tuple[dict[str, Any], list[Any]] | None:
-    """Every tensor in ``folder``'s safetensors files as a lazy slice read with ``pread``, plus the open files.
+@dataclass(frozen=True)
+class ComponentSource:
+    """Where one component (LLM, vision tower or projector) of a checkpoint lives, whatever the layout.
+
+    ``files`` are the safetensors files holding its tensors, whose names there start with ``prefix`` (``""`` in
+    the original three-folder layout, ``"llm."`` / ``"vision_tower."`` / ``"mm_projector."`` in the single-folder
+    ``-hf`` one); ``config`` is its config dict and ``folder`` holds its side files (tokenizer, chat template,
+    preprocessor and generation configs). Loaders take a source, so every layout loads through one path.
+    """
+
+    what: str  # "language model" | "vision tower" | "projector": names it in errors
+    files: tuple[Path, ...]
+    prefix: str
+    config: dict[str, Any] = field(compare=False, repr=False, hash=False)
+    folder: Path
+
+    def weight_files(self) -> tuple[Path, ...]:
+        """``files``, checked: at least one, none missing."""
+        if not self.files:
+            raise CheckpointError(
+                f"no safetensors weights for the {self.what} in {self.folder}; the checkpoint is incomplete (re-download it)"
+            )
+        absent = [f for f in self.files if not f.exists()]
+        if absent:
+            raise CheckpointError(
+                f"missing {self.what} weight shard {absent[0].name} in {absent[0].parent}; the checkpoint is incomplete (re-download it)"
+            )
+        return self.files
+
+    def stored_name(self, key: str) -> str:
+        """A tensor's name as the checkpoint stores it (for error messages)."""
+        return self.prefix + key
+
+
+def component_files(folder: Path, prefix: str = "") -> tuple[Path, ...]:
+    """The safetensors files of ``folder`` that hold tensors starting with ``prefix``: the shards its index names
+    (only those holding such tensors), else every ``*.safetensors`` file. Missing shards are kept, so that loading
+    names them."""
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+            names = {f for k, f in weight_map.items() if k.startswith(prefix)}
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+            raise CheckpointError(f"{index} is not a valid safetensors index ({e}); re-download the checkpoint") from e
+        return tuple(sorted(folder / n for n in names))
+    return tuple(sorted(folder.glob("*.safetensors")))
+
+
+def open_safetensors(source: ComponentSource | Path) -> tuple[dict[str, Any], list[Any]]:
+    """Every tensor of ``source`` as a lazy slice read with ``pread``, named without the source's prefix, plus the
+    open files (close them with :func:`close_all`).
 
     transformers memory-maps every shard and unmaps them only when loading ends, so when it converts dtypes
     (a bf16 checkpoint loaded in fp32 on CPU) or copies to a GPU, the file pages it read stay resident next to
     the result: peak RSS ~1.5x the weights. Slices read on demand keep the peak at the weights plus the few
-    tensors in flight. Returns None when this safetensors version has no ``pread`` backend.
+    tensors in flight. safetensors < 0.7 has no ``pread`` backend and memory-maps instead.
     """
-    from safetensors import safe_open
+    located, handles = _locate(source)
+    return {k: h.get_slice(name) for k, (h, name) in located.items()}, handles
 
-    index = folder / "model.safetensors.index.json"
-    if index.exists():
-        files = sorted({folder / f for f in json.loads(index.read_text())["weight_map"].values()})
-    else:
-        files = sorted(folder.glob("*.safetensors"))
-    if not files:
-        return None
+
+def _locate(source: ComponentSource | Path) -> tuple[dict[str, tuple[Any, str]], list[Any]]:
+    """Each tensor of ``source``, named without its prefix -> (open file, stored name); plus the open files."""
+    from safetensors import SafetensorError, safe_open
+
+    if not isinstance(source, ComponentSource):
+        source = ComponentSource("component", component_files(Path(source)), "", {}, Path(source))
     handles, state = [], {}
+    prefix, cut = source.prefix, len(source.prefix)
     try:
-        for f in files:
-            handle = safe_open(f, framework="pt", device="cpu", backend="pread")
+        for f in source.weight_files():
+            try:
+                handle = safe_open(f, framework="pt", device="cpu", backend="pread")
+            except TypeError:  # safetensors < 0.7: no backend argument
+                handle = safe_open(f, framework="pt", device="cpu")
             handles.append(handle)
-            state.update({k: handle.get_slice(k) for k in handle.keys()})
-    except TypeError:  # safetensors < 0.7: no backend argument
+            state.update({k[cut:]: (handle, k) for k in handle.keys() if k.startswith(prefix)})  # noqa: SIM118
+    except (SafetensorError, OSError) as e:
         close_all(handles)
-        return None
+        raise CheckpointError(
+            f"cannot read {source.what} weights in {source.folder}: {e}; re-download the checkpoint"
+        ) from None
+    except BaseException:
+        close_all(handles)
+        raise
     return state, handles
 
 
@@ -134,75 +195,62 @@ def close_all(handles: list[Any]) -> None:
         h.__exit__(None, None, None)
 
 
-def weight_files(folder: Path, what: str = "") -> list[Path]:
-    """A component's safetensors files: the shards its index names, else every ``*.safetensors`` file."""
-    index = folder / "model.safetensors.index.json"
-    if index.exists():
-        try:
-            names = json.loads(index.read_text())["weight_map"].values()
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise CheckpointError(f"{index} is not a valid safetensors index ({e}); re-download the checkpoint") from e
-        files = sorted({folder / n for n in names})
-        absent = [f.name for f in files if not f.exists()]
-        if absent:
-            raise CheckpointError(
-                f"missing {what} weight shard {absent[0]} in {folder}; the checkpoint is incomplete (re-download it)".replace(
-                    "  ", " "
-                )
-            )
-        return files
-    files = sorted(folder.glob("*.safetensors"))
-    if not files:
-        raise CheckpointError(f"no safetensors weights in {folder}; the checkpoint is incomplete (re-download it)")
-    return files
-
-
 def assign_weights(
-    module: Any, folder: Path, *, dtype: Any, device: Any, what: str, skip: tuple[str, ...] = (), hint: str = ""
+    module: Any,
+    source: ComponentSource,
+    *,
+    dtype: Any,
+    device: Any,
+    what: str = "",
+    skip: tuple[str, ...] = (),
+    hint: str = "",
+    tied: dict[str, str] | None = None,
 ) -> Any:
-    """Read ``folder``'s safetensors into ``module`` (built on the meta device): names and shapes checked first,
+    """Read ``source``'s tensors into ``module`` (built on the meta device): names and shapes checked first,
     tensors cast one at a time, assigned in place, so nothing is randomly initialised and peak memory stays at
-    the weights. Keys starting with a prefix in ``skip`` are stored weights inference never uses."""
-    from safetensors import SafetensorError, safe_open
-
+    the weights. Keys starting with a prefix in ``skip`` are stored weights inference never uses; ``tied`` maps a
+    weight that may be absent to the one it shares (tied embeddings)."""
+    what = what or source.what
     expected = module.state_dict()
-    state, unexpected = {}, []
-    for path in weight_files(folder, what):
-        try:
-            with safe_open(str(path), framework="pt", device="cpu") as f:
-                for key in f.keys():
-                    if key.startswith(skip):
-                        continue
-                    if key not in expected:
-                        unexpected.append(key)
-                        continue
-                    tensor = f.get_tensor(key)
-                    if tuple(tensor.shape) != tuple(expected[key].shape):
-                        raise CheckpointError(
-                            f"{what} weight {key} in {path} has shape {tuple(tensor.shape)}, expected "
-                            f"{tuple(expected[key].shape)}{hint}"
-                        )
-                    state[key] = tensor.to(device=device, dtype=dtype)
-        except (SafetensorError, OSError) as e:
-            raise CheckpointError(f"cannot read {what} weights {path}: {e}; re-download the checkpoint") from None
-    missing = sorted(set(expected) - set(state))
-    if missing or unexpected:
-        parts = [f"{len(missing)} missing (e.g. {missing[0]})"] if missing else []
-        parts += [f"{len(unexpected)} unexpected (e.g. {min(unexpected)})"] if unexpected else []
-        raise CheckpointError(f"{what} weights in {folder} do not match its config{hint}: {', '.join(parts)}")
-    module.load_state_dict(state, strict=True, assign=True)
+    tied = tied or {}
+    state, handles = _locate(source)
+    try:
+        unexpected = sorted(k for k in state if k not in expected and not k.startswith(skip))
+        missing = sorted(k for k in expected if k not in state and k not in tied)
+        if missing or unexpected:
+            parts = [f"{len(missing)} missing (e.g. {source.stored_name(missing[0])})"] if missing else []
+            parts += [f"{len(unexpected)} unexpected (e.g. {source.stored_name(unexpected[0])})"] if unexpected else []
+            raise CheckpointError(
+                f"{what} weights in {source.folder} do not match its config{hint}: {', '.join(parts)}"
+            )
+        for key, param in expected.items():
+            if key not in state:
+                continue
+            handle, name = state[key]
+            shape = tuple(handle.get_slice(name).get_shape())
+            if shape != tuple(param.shape):
+                raise CheckpointError(
+                    f"{what} weight {source.stored_name(key)} in {source.folder} has shape {shape}, expected "
+                    f"{tuple(param.shape)}{hint}"
+                )
+        loaded = {}
+        for key in expected:
+            if key in state:
+                # One tensor read, converted and placed at a time: the file's bytes are never all resident.
+                handle, name = state[key]
+                cast = dtype if expected[key].is_floating_point() else None
+                loaded[key] = handle.get_tensor(name).to(device=device, dtype=cast)
+    finally:
+        close_all(handles)
+    for key, target in tied.items():
+        if key not in loaded:
+            loaded[key] = loaded[target]
+    module.load_state_dict(loaded, strict=True, assign=True)
     return module.requires_grad_(False).eval()
 
 
-def stored_keys(folder: Path) -> list[str]:
-    """The tensor names a component folder stores (to decide what to build before loading)."""
-    from safetensors import SafetensorError, safe_open
-
-    keys: list[str] = []
-    for path in weight_files(folder):
-        try:
-            with safe_open(str(path), framework="pt", device="cpu") as f:
-                keys += list(f.keys())
-        except (SafetensorError, OSError) as e:
-            raise CheckpointError(f"cannot read weights {path}: {e}; re-download the checkpoint") from None
-    return keys
+def stored_keys(source: ComponentSource) -> list[str]:
+    """The tensor names (without the prefix) a component stores, to decide what to build before loading."""
+    state, handles = _locate(source)
+    close_all(handles)
+    return list(state)

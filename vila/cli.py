@@ -556,7 +556,7 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("nothing to answer: give --text and/or --media (or --chat, --batch)")
     prompt = build_prompt(args.text, args.media)  # checks media kinds before the (slow) model load
     check_media(prompt, quiet=not args.debug)
-    from .model.vila import validate_generation_args
+    from .engine import validate_generation_args
 
     validate_generation_args(args.max_new_tokens, args.temperature, args.top_p, None, args.num_video_frames, args.fps)
     hd_settings, hd_from_flags = ps3_settings(args)

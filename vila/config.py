@@ -13,13 +13,10 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from .checkpoint import ComponentSource, component_files
 from .errors import CheckpointError, UnsupportedModelError
+from .families import encoder_family, processor_family, recognise_tower
 
-ENCODER_TARGETS = {
-    "llava.model.encoders.BasicImageEncoder": "basic_image",
-    "llava.model.encoders.BasicVideoEncoder": "basic_video",
-    "llava.model.encoders.TSPVideoEncoder": "tsp_video",
-}
 ASPECT_RATIO_MODES = ("resize", "pad", "dynamic", "dynamic_s2", None)
 VISION_FEATURES = ("patch", "cls_patch")
 
@@ -45,15 +42,10 @@ class EncoderConfig:
                 raise CheckpointError(f"config.json: encoder entry {value!r} is not valid JSON") from e
         value = dict(value)
         target = value.pop("_target_", default_target)
-        if target not in ENCODER_TARGETS:
-            known = ", ".join(sorted(ENCODER_TARGETS))
-            raise UnsupportedModelError(f"config.json: unknown media encoder {target!r}; supported: {known}")
-        kind = ENCODER_TARGETS[target]
+        family = encoder_family(target)
         pool_sizes = tuple(tuple(int(x) for x in p) for p in value.pop("pool_sizes", ()) or ())
-        if kind == "tsp_video" and (not pool_sizes or any(len(p) != 3 or min(p) < 1 for p in pool_sizes)):
-            raise CheckpointError(f"config.json: TSPVideoEncoder needs pool_sizes [[t, h, w], ...], got {pool_sizes}")
         cfg = cls(
-            kind=kind,
+            kind=family.kind,
             start_tokens=value.pop("start_tokens", None),
             end_tokens=value.pop("end_tokens", "\n"),
             sep_tokens=value.pop("sep_tokens", None),
@@ -61,6 +53,7 @@ class EncoderConfig:
         )
         if value:
             raise UnsupportedModelError(f"config.json: unknown arguments {sorted(value)} for encoder {target}")
+        family.check(cfg)
         return cfg
 
 
@@ -76,43 +69,12 @@ class ProcessorConfig:
     do_resize: bool = True
     do_rescale: bool = True
     do_normalize: bool = True
-    kind: str = "siglip"  # "siglip" | "intern" | "ps3"
+    kind: str = "siglip"  # the tower family whose processor this is: "siglip" | "intern" | "ps3"
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], default_size: int) -> ProcessorConfig:
-        ptype = d.get("image_processor_type", "SiglipImageProcessor")
-        if ptype == "InternVisionPreprocessor":
-            return cls(
-                size=default_size, image_mean=(0.485, 0.456, 0.406), image_std=(0.229, 0.224, 0.225), kind="intern"
-            )
-        if ptype == "PS3ImageProcessor":
-            # Squash resize to `image_size`; mean/std from its own `mean`/`std` keys, else the OpenAI CLIP
-            # constants, as `ps3-torch`'s PS3ImageProcessor does. ToTensor + Normalize equal the SigLIP path
-            # bit for bit.
-            side = d.get("image_size") or default_size
-            side = side[0] if isinstance(side, (list, tuple)) else side
-            mean = d.get("mean") or (0.48145466, 0.4578275, 0.40821073)
-            std = d.get("std") or (0.26862954, 0.26130258, 0.27577711)
-            mean = tuple(mean) if isinstance(mean, (list, tuple)) else (float(mean),) * 3
-            std = tuple(std) if isinstance(std, (list, tuple)) else (float(std),) * 3
-            return cls(size=int(side), image_mean=mean, image_std=std, kind="ps3")
-        size = d.get("size") or {}
-        if isinstance(size, dict):
-            h, w = size.get("height", default_size), size.get("width", default_size)
-        else:
-            h = w = int(size)
-        if h != w:
-            raise UnsupportedModelError(f"preprocessor_config.json: non-square size {w}x{h} is not supported")
-        return cls(
-            size=int(h),
-            image_mean=tuple(d.get("image_mean", (0.5, 0.5, 0.5))),
-            image_std=tuple(d.get("image_std", (0.5, 0.5, 0.5))),
-            rescale_factor=float(d.get("rescale_factor", 1 / 255)),
-            resample=int(d.get("resample", 3)),
-            do_resize=bool(d.get("do_resize", True)),
-            do_rescale=bool(d.get("do_rescale", True)),
-            do_normalize=bool(d.get("do_normalize", True)),
-        )
+        """Parsed by the tower family that registers its ``image_processor_type`` (:mod:`vila.families`)."""
+        return processor_family(d.get("image_processor_type")).parse_processor(d, default_size)
 
 
 @dataclass(frozen=True)
@@ -193,9 +155,9 @@ class VilaConfig:
 
     root: Path
     model_type: str
-    llm_dir: Path
-    vision_dir: Path
-    projector_dir: Path
+    llm_source: ComponentSource
+    vision_source: ComponentSource
+    projector_source: ComponentSource
     llm_model_type: str
     llm_hidden_size: int
     llm_vocab_size: int
@@ -215,6 +177,10 @@ class VilaConfig:
     training_conv_version: str | None = None  # the training run's ``--version`` (a conv-mode name), if saved
     name_or_path: str = ""
     top_down: TopDownConfig | None = None  # set for VILA-HD checkpoints only
+    layout: str = "original"  # "original" (llm/, vision_tower/, mm_projector/) | "hf" (one folder, one weight set)
+    # The single-folder layout names the ids its tokenizer gives <image> and <vila/video>; checked at load.
+    media_token_ids: dict[str, int] | None = None
+    chat_template: str | None = None  # config.json's chat_template (a remote-code checkpoint's template name)
 
     def with_overrides(self, **changes: Any) -> VilaConfig:
         """A copy with per-request settings changed (num_video_frames, fps, video_max_tiles...)."""
@@ -251,33 +217,60 @@ def parse_scales(value: Any) -> tuple[int, ...]:
 
 
 def vision_kind(vision_cfg: dict[str, Any], top: dict[str, Any]) -> str:
-    """The reference's tower rule (``build_vision_tower``, NVlabs/VILA ``llava/model/multimodal_encoder/builder.py``):
-    ``ps3`` in the config, else a substring of the lower-cased ``architectures[0]``."""
-    if top.get("ps3"):
-        return "ps3"
-    archs = vision_cfg.get("architectures") or [vision_cfg.get("model_type", "")]
-    name = str(archs[0]).lower()
-    if "intern" in name:
-        return "intern"
-    if "siglip" in name:
-        return "siglip"
-    if "radio" in name or "clip" in name:
+    """The registered tower family the checkpoint names (:func:`vila.families.recognise_tower`)."""
+    return recognise_tower(vision_cfg, top).kind
+
+
+# Single-folder (``-hf``) checkpoints keep only the LLM and tower configs; the VILA settings are fixed per family
+# (SGLang's ``nvila.py`` / ``nvila_lite.py`` hard-code them): the tower's second-to-last layer with its class token
+# kept, NVILA's Dynamic-S2 at 448/896/1344 with a 2x2-downsample projector, Lite's dynamic tiles with a 3x3 one.
+# A flat key in config.json (the ``-hf-0626`` checkpoints save some) overrides the family's value.
+SINGLE_FOLDER_FAMILIES: dict[str, dict[str, Any]] = {
+    "nvila": {
+        "image_aspect_ratio": "dynamic_s2",
+        "dynamic_s2": True,
+        "s2_scales": "448,896,1344",
+        "s2_max_split_size": 448,
+        "s2_resize_output_to_scale_idx": -1,
+        "mm_projector_type": "mlp_downsample",
+    },
+    "nvila_lite": {"image_aspect_ratio": "dynamic", "mm_projector_type": "mlp_downsample_3x3_fix"},
+}
+SINGLE_FOLDER_COMMON = {"mm_vision_select_layer": -2, "mm_vision_select_feature": "cls_patch"}
+# -hf-0626 (model_type "vila") holds NVILA-Lite models.
+SINGLE_FOLDER_MODEL_TYPES = {"nvila": "nvila", "nvila_lite": "nvila_lite", "vila": "nvila_lite"}
+
+
+def is_single_folder(top: dict[str, Any]) -> bool:
+    """The ``-hf`` layout: one config with the LLM's and the tower's configs nested, one weight set."""
+    return "text_config" in top or "vision_config" in top
+
+
+def single_folder_settings(top: dict[str, Any]) -> dict[str, Any]:
+    """The top-level VILA settings a single-folder config implies: its family's values under its own flat keys."""
+    model_type = str(top.get("model_type", ""))
+    family = SINGLE_FOLDER_MODEL_TYPES.get(model_type)
+    if family is None:
         raise UnsupportedModelError(
-            f"vision tower {archs[0]!r} (RADIO/CLIP) is not supported yet; no released VILA uses it"
+            f"config.json: single-folder checkpoint with model_type {model_type!r}; supported: nvila, nvila_lite, vila"
         )
-    raise UnsupportedModelError(f"unknown vision tower {archs[0]!r} in vision_tower/config.json")
+    for key in ("text_config", "vision_config", "image_token_id", "video_token_id"):
+        if top.get(key) is None:
+            raise CheckpointError(f"config.json: {key} is missing; the single-folder checkpoint is incomplete")
+    return {**SINGLE_FOLDER_COMMON, **SINGLE_FOLDER_FAMILIES[family], **top}
 
 
 def check_model_type(top: dict[str, Any], where: Path | str) -> str:
-    """The reference's ``is_mm_model`` test (NVlabs/VILA ``llava/model/utils/utils.py``) plus the layouts we
-    know but cannot run."""
+    """The reference's ``is_mm_model`` test (NVlabs/VILA ``llava/model/utils/utils.py``), plus the single-folder
+    layout's model types."""
     model_type = str(top.get("model_type", ""))
     archs = [str(a) for a in top.get("architectures") or []]
+    if is_single_folder(top):
+        return model_type
     if model_type in ("nvila", "nvila_lite"):
-        raise UnsupportedModelError(
-            f"{where}: the single-folder '-hf' layout (model_type {model_type!r}, one weight set for LLM, tower and "
-            "projector, loaded by its own remote code) is not supported; use the original checkpoint without the "
-            "-hf suffix (e.g. Efficient-Large-Model/NVILA-8B or NVILA-Lite-2B), which holds the same model"
+        raise CheckpointError(
+            f"{where}: model_type {model_type!r} needs text_config and vision_config in config.json; the "
+            "single-folder checkpoint is incomplete (re-download it)"
         )
     if not (model_type in ("llava_llama", "llava_topdown_llama", "vila") or any("llava" in a.lower() for a in archs)):
         raise CheckpointError(
@@ -288,9 +281,25 @@ def check_model_type(top: dict[str, Any], where: Path | str) -> str:
 
 
 def parse_config(root: Path) -> VilaConfig:
-    """Parse ``root/config.json`` and the component configs into a :class:`VilaConfig`."""
+    """Parse ``root/config.json`` and the component configs into a :class:`VilaConfig`, whichever the layout:
+    the original one (``llm/``, ``vision_tower/``, ``mm_projector/``, each with its config and weights) or the
+    single-folder ``-hf`` one (nested configs, one weight set with ``llm.`` / ``vision_tower.`` /
+    ``mm_projector.`` prefixes). Both give the same component sources; nothing after this reads JSON."""
     top = read_json(root / "config.json")
     check_model_type(top, root)
+    if is_single_folder(top):
+        settings = single_folder_settings(top)
+        llm_cfg = {"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"], **top["text_config"]}
+        vision_cfg = {"architectures": ["SiglipVisionModel"], **top["vision_config"]}
+        projector_cfg = {"mm_projector_type": settings["mm_projector_type"]}
+        pre_path = root / "preprocessor_config.json"
+        pre = read_json(pre_path) if pre_path.exists() else {}
+        sources = (
+            ComponentSource("language model", component_files(root, "llm."), "llm.", llm_cfg, root),
+            ComponentSource("vision tower", component_files(root, "vision_tower."), "vision_tower.", vision_cfg, root),
+            ComponentSource("projector", component_files(root, "mm_projector."), "mm_projector.", projector_cfg, root),
+        )
+        return config_from_dicts(settings, llm_cfg, vision_cfg, projector_cfg, pre, root=root, sources=sources)
 
     def component(key: str, folder: str) -> Path:
         value = top.get(key)
@@ -307,14 +316,25 @@ def parse_config(root: Path) -> VilaConfig:
     vision_dir = component("vision_tower_cfg", "vision_tower")
     projector_dir = component("mm_projector_cfg", "mm_projector")
 
-    llm_cfg = read_json(llm_dir / "config.json")
-    vision_cfg = read_json(vision_dir / "config.json")
-    projector_cfg = read_json(projector_dir / "config.json")
+    sources = (
+        folder_source(llm_dir, "language model"),
+        folder_source(vision_dir, "vision tower"),
+        folder_source(projector_dir, "projector"),
+    )
     pre_path = vision_dir / "preprocessor_config.json"
     pre = read_json(pre_path) if pre_path.exists() else {}
     return config_from_dicts(
-        top, llm_cfg, vision_cfg, projector_cfg, pre, root=root, dirs=(llm_dir, vision_dir, projector_dir)
+        top,
+        *(s.config for s in sources),
+        pre,
+        root=root,
+        sources=sources,  # type: ignore[arg-type]
     )
+
+
+def folder_source(folder: Path, what: str) -> ComponentSource:
+    """A component of the original layout: ``folder/config.json`` and the folder's safetensors."""
+    return ComponentSource(what, component_files(folder), "", read_json(folder / "config.json"), folder)
 
 
 def config_from_dicts(
@@ -325,12 +345,21 @@ def config_from_dicts(
     preprocessor: dict[str, Any] | None = None,
     *,
     root: Path = Path("."),
-    dirs: tuple[Path, Path, Path] | None = None,
+    sources: tuple[ComponentSource, ComponentSource, ComponentSource] | None = None,
 ) -> VilaConfig:
     """A :class:`VilaConfig` from config dicts alone (no files): used by :mod:`vila.meta` to check shapes of
     published configs. A component config left out is taken from the dict the top-level config embeds
-    (``llm_cfg`` / ``vision_tower_cfg`` / ``mm_projector_cfg``, saved by the reference's ``LlavaConfig``)."""
+    (``llm_cfg`` / ``vision_tower_cfg`` / ``mm_projector_cfg``, saved by the reference's ``LlavaConfig``; a
+    single-folder config's ``text_config`` / ``vision_config``)."""
     check_model_type(top, root)
+    single = is_single_folder(top)
+    if single:
+        top = single_folder_settings(top)
+        llm_cfg = llm_cfg if llm_cfg is not None else {"model_type": "qwen2", **top["text_config"]}
+        vision_cfg = (
+            vision_cfg if vision_cfg is not None else {"architectures": ["SiglipVisionModel"], **top["vision_config"]}
+        )
+        projector_cfg = projector_cfg if projector_cfg is not None else {"mm_projector_type": top["mm_projector_type"]}
 
     def embedded(given: dict[str, Any] | None, key: str) -> dict[str, Any]:
         if given is not None:
@@ -344,7 +373,12 @@ def config_from_dicts(
     vision_cfg = embedded(vision_cfg, "vision_tower_cfg")
     projector_cfg = embedded(projector_cfg, "mm_projector_cfg")
     pre = preprocessor or {}
-    llm_dir, vision_dir, projector_dir = dirs or (root / "llm", root / "vision_tower", root / "mm_projector")
+    if sources is None:
+        sources = (
+            ComponentSource("language model", (), "", llm_cfg, root / "llm"),
+            ComponentSource("vision tower", (), "", vision_cfg, root / "vision_tower"),
+            ComponentSource("projector", (), "", projector_cfg, root / "mm_projector"),
+        )
     model_type = str(top.get("model_type", ""))
 
     kind = vision_kind(vision_cfg, top)
@@ -384,7 +418,7 @@ def config_from_dicts(
 
     projector_type = projector_cfg.get("mm_projector_type")
     if not projector_type:
-        raise CheckpointError(f"{projector_dir}/config.json has no mm_projector_type")
+        raise CheckpointError(f"{sources[2].folder}/config.json has no mm_projector_type")
 
     aspect = top.get("image_aspect_ratio")
     num_time_tokens = top.get("num_time_tokens")
@@ -392,9 +426,9 @@ def config_from_dicts(
     return VilaConfig(
         root=root,
         model_type=model_type,
-        llm_dir=llm_dir,
-        vision_dir=vision_dir,
-        projector_dir=projector_dir,
+        llm_source=sources[0],
+        vision_source=sources[1],
+        projector_source=sources[2],
         llm_model_type=str(llm_cfg.get("model_type", "")),
         llm_hidden_size=int(llm_cfg.get("hidden_size", 0) or 0),
         llm_vocab_size=int(llm_cfg.get("vocab_size", 0) or 0),
@@ -414,4 +448,7 @@ def config_from_dicts(
         training_conv_version=top.get("version") if isinstance(top.get("version"), str) else None,
         name_or_path=str(top.get("_name_or_path") or ""),
         top_down=TopDownConfig.parse(top) if kind == "ps3" or "topdown" in model_type else None,
+        layout="hf" if single else "original",
+        media_token_ids={"image": int(top["image_token_id"]), "video": int(top["video_token_id"])} if single else None,
+        chat_template=top.get("chat_template") if isinstance(top.get("chat_template"), str) else None,
     )

@@ -13,11 +13,14 @@ from typing import Any
 
 import torch
 
-from .checkpoint import resolve_checkpoint
-from .config import ASPECT_RATIO_MODES, VilaConfig, parse_config, read_json
+from .checkpoint import ComponentSource, assign_weights, resolve_checkpoint
+from .config import ASPECT_RATIO_MODES, VilaConfig, parse_config
 from .device import plan_placement, resolve_dtype
-from .errors import UnsupportedModelError, UsageError
-from .model.vila import VilaModel, load_llm, load_projector
+from .errors import CheckpointError, UnsupportedModelError, UsageError
+from .families import tower_family
+from .model.llm import load_llm
+from .model.projector import MultimodalProjector
+from .model.vila import VilaModel
 from .model.vision import build_tower
 from .prompt import detect_conv_mode, get_template
 from .tokenizer import load_tokenizer
@@ -62,13 +65,10 @@ def load(
         raise UnsupportedModelError(
             f"config.json: unknown image_aspect_ratio {cfg.image_aspect_ratio!r}; supported: resize, pad, dynamic, dynamic_s2"
         )
-    if cfg.image_aspect_ratio == "pad" and cfg.processor.kind == "intern":
+    tower_family(cfg.vision.kind).check(cfg)
+    if not cfg.llm_source.files:
         raise UnsupportedModelError(
-            "image_aspect_ratio 'pad' cannot be used with the InternViT tower (it has no image mean)"
-        )
-    if not any(cfg.llm_dir.glob("*.safetensors")):
-        raise UnsupportedModelError(
-            f"{cfg.llm_dir} holds no safetensors weights: AWQ / TinyChat checkpoints (*-AWQ, quantised .pt files) and "
+            f"{cfg.llm_source.folder} holds no safetensors weights: AWQ / TinyChat checkpoints (*-AWQ, quantised .pt files) and "
             "pickled .bin weights are not supported; use the original checkpoint (e.g. without the -AWQ suffix)"
         )
 
@@ -90,7 +90,8 @@ def load(
         logger.debug("template %s: given by conv_mode (--conv-mode)", conv_mode)
     name = Path(os.fspath(path_or_id).rstrip("/\\")).name or os.fspath(path_or_id)
     with quiet_load(cfg, name):
-        tokenizer = load_tokenizer(cfg.llm_dir)
+        tokenizer = load_tokenizer(cfg.llm_source.folder)
+        check_media_token_ids(cfg, tokenizer)
         remote_template, remote_mode = remote_chat_template(cfg) if conv_mode == "auto" else (None, None)
         if remote_template is not None:
             tokenizer.chat_template = remote_template  # rendered by transformers' sandboxed Jinja, as any chat template
@@ -106,7 +107,7 @@ def load(
                 vocab_markers=frozenset(t for t in ("<|eot_id|>", "<|im_start|>") if t in vocab),
                 training_version=cfg.training_conv_version,
             )
-        llm = load_llm(cfg, dt, llm_map, extra)
+        llm = load_llm(cfg.llm_source, dt, llm_map, extra)
         first = llm.get_input_embeddings().weight.device
         if first.type == "meta":  # embeddings offloaded to disk by accelerate: keep the vision side on the device
             first = dev
@@ -115,8 +116,8 @@ def load(
 
             model = load_vila_hd(cfg, tokenizer, llm, dt, first, conv_mode)
         else:
-            tower = build_tower(cfg.vision, cfg.vision_dir, dt, first).eval()
-            projector = load_projector(cfg, cfg.projector_dir, dt, first)
+            tower = build_tower(cfg.vision, cfg.vision_source, dt, first).eval()
+            projector = load_projector(cfg, cfg.projector_source, dt, first)
             model = VilaModel(cfg, tokenizer, llm, tower, projector, conv_mode)
         if lora is not None:
             from .lora import apply_lora
@@ -127,8 +128,36 @@ def load(
 
 def checkpoint_files(cfg: VilaConfig) -> list[Path]:
     """The safetensors files the components load from."""
-    dirs = {cfg.llm_dir, cfg.vision_dir, cfg.projector_dir}
-    return sorted({f for d in dirs for f in d.rglob("*.safetensors")})
+    sources = (cfg.llm_source, cfg.vision_source, cfg.projector_source)
+    return sorted({f for s in sources for f in s.files if f.exists()})
+
+
+def load_projector(
+    cfg: VilaConfig, source: ComponentSource | None, dtype: torch.dtype, device: torch.device
+) -> MultimodalProjector:
+    """Built on the meta device, weights assigned straight from safetensors (no random init)."""
+    with torch.device("meta"):
+        projector = MultimodalProjector(cfg.projector_type, cfg.vision.mm_hidden_size, cfg.llm_hidden_size)
+    if source is None:
+        return projector
+    hint = (
+        f" (type {cfg.projector_type!r}, mm_hidden_size {cfg.vision.mm_hidden_size}, LLM hidden {cfg.llm_hidden_size})"
+    )
+    return assign_weights(projector, source, dtype=dtype, device=device, hint=hint)
+
+
+def check_media_token_ids(cfg: VilaConfig, tokenizer: Any) -> None:
+    """A single-folder checkpoint names the ids of its media tokens; they must be the tokenizer's, or the
+    media embeddings would be spliced at the wrong positions."""
+    if cfg.media_token_ids is None:
+        return
+    for kind, token in (("image", "<image>"), ("video", "<vila/video>")):
+        ours = tokenizer.convert_tokens_to_ids(token)
+        if ours != cfg.media_token_ids[kind]:
+            raise CheckpointError(
+                f"config.json: {kind}_token_id is {cfg.media_token_ids[kind]} but the tokenizer gives {token} id "
+                f"{ours}; the checkpoint's config and tokenizer do not belong together"
+            )
 
 
 def _tensor_count(path: Path) -> int:
@@ -218,8 +247,8 @@ def remote_chat_template(cfg: VilaConfig) -> tuple[str | None, str | None]:
     """
     if cfg.model_type != "vila":
         return None, None
-    name = read_json(cfg.root / "config.json").get("chat_template")
-    if not isinstance(name, str) or not name:
+    name = cfg.chat_template
+    if not name:
         return None, None
     path = cfg.root / f"{name}.jinja"
     if path.is_file():

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from .errors import CheckpointError, UnsupportedModelError, UsageError
+from .families import tower_family
 
 logger = logging.getLogger(__name__)
 
@@ -86,14 +87,8 @@ class _NameMap:
     """Reference whole-model names -> (component, name inside this library's module); ``None`` = not run here."""
 
     def __init__(self, model: Any):
-        from .model.vision import InternTower, SiglipTower
-
         self.model = model
-        tower = model.vision_tower
-        self.tower_kind = (
-            "intern" if isinstance(tower, InternTower) else "siglip" if isinstance(tower, SiglipTower) else ""
-        )
-        self.tower_layers = len(tower.layers) if isinstance(tower, SiglipTower) else None
+        self.tower_family = tower_family(model.config.vision.kind)
 
     def __call__(self, name: str) -> tuple[str, str] | None:
         if name.startswith("llm."):
@@ -107,19 +102,8 @@ class _NameMap:
         return "llm", name  # an adapter of the bare LLM
 
     def _tower(self, name: str) -> tuple[str, str] | None:
-        if self.tower_kind == "intern":
-            return "vision_tower", "model." + name
-        if self.tower_kind != "siglip" or not name.startswith("vision_model."):
-            raise CheckpointError(f"adapter tensor for the vision tower {name!r} does not match the loaded tower")
-        name = name[len("vision_model.") :]
-        if name.startswith("encoder.layers."):
-            index = int(name.split(".")[2])
-            if index >= self.tower_layers:
-                return None  # a layer after mm_vision_select_layer: never run
-            return "vision_tower", name[len("encoder.") :]
-        if name.startswith(("post_layernorm.", "head.")):
-            return None  # after the selected layer: never run
-        return "vision_tower", name
+        mapped = self.tower_family.lora_name(self.model.vision_tower, name)
+        return None if mapped is None else ("vision_tower", mapped)
 
 
 def _split(tensors: dict[str, torch.Tensor], names: _NameMap) -> dict[str, dict[str, torch.Tensor]]:

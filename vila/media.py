@@ -10,8 +10,6 @@ from __future__ import annotations
 import io
 import os
 import re
-import urllib.error
-import urllib.request
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -20,30 +18,39 @@ from typing import Any
 
 import PIL.Image
 
+from .download import fetch
 from .errors import MediaError, UsageError
 
 PathLike = str | os.PathLike
 
-URL_TIMEOUT_S = 30
 ACCEPTED_MEDIA = (
     "images (JPEG, PNG, WebP, GIF, BMP, TIFF, ...), videos (MP4, MOV, MKV, WebM, AVI, ...) or a folder of video frames"
 )
 SNIFF_BYTES = 4096
-# (offset, magic bytes, what the file is): common files that are neither images nor videos.
-_SIGNATURES: tuple[tuple[int, bytes, str], ...] = (
-    (0, b"%PDF-", "a PDF document"),
-    (0, b"PK\x03\x04", "a ZIP archive (or a .docx / .xlsx / .pptx / .epub document)"),
-    (0, b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1", "a Microsoft Office document"),
-    (0, b"{\\rtf", "an RTF document"),
-    (0, b"%!PS", "a PostScript document"),
-    (0, b"\x1f\x8b", "a gzip archive"),
-    (0, b"7z\xbc\xaf\x27\x1c", "a 7-Zip archive"),
-    (0, b"Rar!\x1a\x07", "a RAR archive"),
-    (257, b"ustar", "a tar archive"),
-    (0, b"\x7fELF", "a program (ELF executable)"),
-    (0, b"SQLite format 3\x00", "an SQLite database"),
-    (0, b"ID3", "an MP3 audio file"),
-    (0, b"fLaC", "a FLAC audio file"),
+VIDEO = "a video"
+# What a file is, then the (offset, bytes) it starts with, first match wins: the common files that are neither
+# images nor videos, and the containers that ``sniff_kind`` takes for a video whatever the extension says.
+_SIGNATURES: tuple[tuple[Any, ...], ...] = (
+    ("a PDF document", (0, b"%PDF-")),
+    ("a ZIP archive (or a .docx / .xlsx / .pptx / .epub document)", (0, b"PK\x03\x04")),
+    ("a Microsoft Office document", (0, b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1")),
+    ("an RTF document", (0, b"{\\rtf")),
+    ("a PostScript document", (0, b"%!PS")),
+    ("a gzip archive", (0, b"\x1f\x8b")),
+    ("a 7-Zip archive", (0, b"7z\xbc\xaf\x27\x1c")),
+    ("a RAR archive", (0, b"Rar!\x1a\x07")),
+    ("a tar archive", (257, b"ustar")),
+    ("a program (ELF executable)", (0, b"\x7fELF")),
+    ("an SQLite database", (0, b"SQLite format 3\x00")),
+    ("an MP3 audio file", (0, b"ID3")),
+    ("a FLAC audio file", (0, b"fLaC")),
+    ("a WAV audio file", (0, b"RIFF"), (8, b"WAVE")),
+    ("an M4A audio file", (4, b"ftyp"), (8, b"M4A ")),
+    ("an M4A audio file", (4, b"ftyp"), (8, b"M4B ")),
+    ("an M4A audio file", (4, b"ftyp"), (8, b"M4P ")),
+    (VIDEO, (4, b"ftyp")),  # MP4 / MOV / 3GP, after the audio-only brands
+    (VIDEO, (0, b"\x1aE\xdf\xa3")),  # Matroska / WebM
+    (VIDEO, (0, b"RIFF"), (8, b"AVI ")),
 )
 
 
@@ -79,19 +86,6 @@ def is_url(source: Any) -> bool:
     return isinstance(source, str) and source.lower().startswith(("http://", "https://"))
 
 
-def fetch_url(url: str) -> bytes:
-    """Download a URL into memory, as one clear MediaError on any network failure."""
-    try:
-        req = urllib.request.Request(url, headers={"User-Agent": "vila"})
-        with urllib.request.urlopen(req, timeout=URL_TIMEOUT_S) as resp:
-            return resp.read()
-    except (urllib.error.URLError, OSError, ValueError) as e:
-        reason = getattr(e, "reason", e)
-        raise MediaError(
-            f"cannot download {url}: {reason}; check the URL and your network, or pass a local file"
-        ) from e
-
-
 def load_image(image: Image | PIL.Image.Image) -> PIL.Image.Image:
     """Decode an image to an RGB PIL image (the reference's only conversion)."""
     source = image.source if isinstance(image, Image) else image
@@ -100,7 +94,7 @@ def load_image(image: Image | PIL.Image.Image) -> PIL.Image.Image:
     if isinstance(source, bytes):
         return _open(io.BytesIO(source), "the given bytes")
     if is_url(source):
-        return _open(io.BytesIO(fetch_url(source)), source)
+        return _open(io.BytesIO(fetch(source, refuse=lambda head: refuse_non_media_head(head, source))), source)
     if isinstance(source, str) and "://" in source:
         raise MediaError(f"unsupported URL scheme in {source!r}; use http(s):// or a local path")
     if not isinstance(source, (str, os.PathLike)):
@@ -118,13 +112,9 @@ def load_image(image: Image | PIL.Image.Image) -> PIL.Image.Image:
 def sniff_unsupported(head: bytes) -> str | None:
     """What a file is, from its first bytes, when it is a common kind that is neither an image nor a video
     ("a PDF document", "a text file", "a WAV audio file", ...); None for anything else, media included."""
-    for offset, magic, kind in _SIGNATURES:
-        if head[offset : offset + len(magic)] == magic:
-            return kind
-    if head[:4] == b"RIFF" and head[8:12] == b"WAVE":
-        return "a WAV audio file"
-    if head[4:8] == b"ftyp" and head[8:12] in (b"M4A ", b"M4B ", b"M4P "):
-        return "an M4A audio file"
+    kind = _signature(head)
+    if kind is not None:
+        return None if kind == VIDEO else kind
     if len(head) >= 2 and head[0] == 0xFF and head[1] & 0xE0 == 0xE0:  # MPEG audio / ADTS frame sync
         return "an MP3 or AAC audio file"
     if head and b"\x00" not in head:
@@ -143,6 +133,20 @@ def sniff_unsupported(head: bytes) -> str | None:
             return "a JSON or text file"
         return "a text file"
     return None
+
+
+def _signature(head: bytes) -> str | None:
+    for kind, *marks in _SIGNATURES:
+        if all(head[offset : offset + len(magic)] == magic for offset, magic in marks):
+            return kind
+    return None
+
+
+def refuse_non_media_head(head: bytes, name: str) -> None:
+    """MediaError when ``head``, the first bytes of ``name``, is a PDF, a web page, audio...: stops a download early."""
+    kind = sniff_unsupported(head)
+    if kind is not None:
+        raise MediaError(unsupported_message(name, kind))
 
 
 def sniff_file(path: PathLike) -> str | None:
@@ -243,8 +247,7 @@ def sniff_kind(path: str, ext: str) -> str:
         pass
     refuse_non_media(path)
     with open(path, "rb") as f:
-        head = f.read(16)
-    is_video = head[4:8] == b"ftyp" or head[:4] == b"\x1aE\xdf\xa3" or (head[:4] == b"RIFF" and head[8:12] == b"AVI ")
+        is_video = _signature(f.read(16)) == VIDEO
     if is_video or ext not in IMAGE_EXTENSIONS:
         return "video"
     return "image"  # a corrupt image: loading it gives the precise error

@@ -18,6 +18,7 @@ from torch import nn
 
 from .config import VilaConfig, check_model_type, config_from_dicts, read_json
 from .errors import CheckpointError, UnsupportedModelError
+from .families import tower_family
 from .model.projector import MultimodalProjector
 
 COMPONENTS = ("llm", "vision_tower", "mm_projector")
@@ -74,26 +75,8 @@ def build_llm(llm_cfg: dict[str, Any]) -> tuple[nn.Module, bool]:
 
 
 def build_vision(cfg: VilaConfig) -> tuple[nn.Module, str]:
-    """The whole stored vision model and the prefix its checkpoint names carry."""
-    raw = cfg.vision.raw
-    if cfg.vision.kind == "siglip":
-        from transformers import SiglipVisionConfig, SiglipVisionModel
-
-        hf_cfg = SiglipVisionConfig(**{k: v for k, v in raw.items() if k not in ("architectures", "_name_or_path")})
-        with torch.device("meta"):
-            model = SiglipVisionModel(hf_cfg)
-        # transformers 5.x drops the `vision_model.` level from the module tree but the released files keep it,
-        # and `from_pretrained` still loads those keys without renaming.
-        return model, "vision_model."
-    if cfg.vision.kind == "intern":
-        from .model.intern_vit import InternVisionConfig, InternVisionModel
-
-        with torch.device("meta"):
-            model = InternVisionModel(InternVisionConfig.from_dict(raw))
-        return model, ""
-    raise UnsupportedModelError(
-        f"vila.meta cannot build the {cfg.vision.kind!r} vision tower (VILA-HD / PS3); only siglip and intern"
-    )
+    """The whole stored vision model and the prefix its checkpoint names carry, from the tower's family."""
+    return tower_family(cfg.vision.kind).stored(cfg.vision)
 
 
 def build_meta(

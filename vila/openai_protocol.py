@@ -13,18 +13,15 @@ from __future__ import annotations
 import base64
 import binascii
 import dataclasses
-import http.client
 import io
-import ipaddress
 import math
 import os
 import re
-import socket
-import time
 import urllib.parse
 from dataclasses import dataclass, field
 from typing import Any
 
+from .download import DownloadError, DownloadPolicy, fetch
 from .media import Image, Video, is_url
 from .prompt import Template, render_chat_template
 
@@ -453,75 +450,29 @@ def _check_image(source: Any, ref: MediaRef, limits: Limits) -> None:
         )
 
 
-def _refused_address(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
-    mapped = getattr(ip, "ipv4_mapped", None)
-    ip = mapped or ip
-    return not ip.is_global or ip.is_multicast
-
-
-def fetch_url(url: str, limits: Limits, param: str = "url", redirects: int = 3) -> bytes:
-    """GET an http(s) URL into memory, at most ``limits.max_media_bytes``, within ``limits.url_timeout_s``.
-
-    The host is resolved once and every address checked: unless ``allow_private_urls``, a host with any
-    loopback, link-local, private or otherwise non-global address is refused, and the connection goes to the
-    address that was checked (a second DNS answer cannot redirect it). Redirects are followed (checked alike)."""
-    deadline = time.monotonic() + limits.url_timeout_s
-    for _ in range(redirects + 1):
-        parts = urllib.parse.urlsplit(url)
-        if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
-            raise bad_request(f"{param}: only http(s) URLs can be fetched", param=param)
-        https = parts.scheme.lower() == "https"
-        try:
-            port = parts.port or (443 if https else 80)
-        except ValueError as e:
-            raise bad_request(f"{param}: invalid port in the URL", param=param) from e
-        try:
-            infos = socket.getaddrinfo(parts.hostname, port, type=socket.SOCK_STREAM)
-        except (socket.gaierror, UnicodeError) as e:
-            raise bad_request(f"{param}: cannot resolve host {parts.hostname!r}", param=param) from e
-        addresses = [ipaddress.ip_address(info[4][0].split("%")[0]) for info in infos]
-        refused = [a for a in addresses if _refused_address(a)]
-        if refused and not limits.allow_private_urls:
+def fetch_url(url: str, limits: Limits, param: str = "url") -> bytes:
+    """GET an http(s) URL into memory under the server's limits: at most ``max_media_bytes``, within
+    ``url_timeout_s`` in all, and from public addresses only unless ``allow_private_urls`` (every redirect
+    checked alike); any failure is a 400 naming ``param``."""
+    policy = DownloadPolicy(
+        max_bytes=limits.max_media_bytes,
+        timeout_s=limits.url_timeout_s,
+        deadline_s=limits.url_timeout_s,
+        allow_private=limits.allow_private_urls,
+        max_redirects=3,
+    )
+    try:
+        return fetch(url, policy)
+    except DownloadError as e:
+        if e.code == "too_large":
+            raise _too_large(MediaRef("media", url, param), e.size or 0, limits) from e
+        if e.code == "url_not_allowed":
             raise bad_request(
-                f"{param}: {parts.hostname} resolves to a loopback, link-local or private address ({refused[0]}); "
-                "the server does not fetch those unless started with --allow-private-urls",
+                f"{param}: {e.detail}; the server fetches those only when started with --allow-private-urls",
                 param=param,
-                code="url_not_allowed",
-            )
-        pinned = str(addresses[0])
-        conn_cls = http.client.HTTPSConnection if https else http.client.HTTPConnection
-        conn = conn_cls(parts.hostname, port, timeout=limits.url_timeout_s)
-        conn._create_connection = lambda address, *args, _ip=pinned: socket.create_connection(  # type: ignore[attr-defined]
-            (_ip, address[1]), *args
-        )
-        try:
-            path = parts.path or "/"
-            conn.request("GET", path + (f"?{parts.query}" if parts.query else ""), headers={"User-Agent": "vila"})
-            resp = conn.getresponse()
-            if resp.status in (301, 302, 303, 307, 308) and resp.getheader("Location"):
-                url = urllib.parse.urljoin(url, resp.getheader("Location"))
-                continue
-            if resp.status != 200:
-                raise bad_request(f"{param}: fetching the URL gave HTTP {resp.status}", param=param)
-            declared = resp.getheader("Content-Length")
-            if declared and declared.isdigit() and int(declared) > limits.max_media_bytes:
-                raise _too_large(MediaRef("media", url, param), int(declared), limits)
-            chunks, size = [], 0
-            while True:
-                if time.monotonic() > deadline:
-                    raise bad_request(f"{param}: the download took longer than {limits.url_timeout_s:g} s", param)
-                chunk = resp.read(1 << 16)
-                if not chunk:
-                    return b"".join(chunks)
-                size += len(chunk)
-                if size > limits.max_media_bytes:
-                    raise _too_large(MediaRef("media", url, param), size, limits)
-                chunks.append(chunk)
-        except (OSError, http.client.HTTPException) as e:
-            raise bad_request(f"{param}: cannot fetch the URL ({type(e).__name__}: {e})", param=param) from e
-        finally:
-            conn.close()
-    raise bad_request(f"{param}: too many redirects", param=param)
+                code=e.code,
+            ) from e
+        raise bad_request(f"{param}: {e.detail}; check the URL, or send the media as a data: URI", param=param) from e
 
 
 # -- responses -----------------------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ import torch
 
 from .config import ProcessorConfig, VilaConfig
 from .errors import MediaError
+from .families import tower_family
 
 logger = logging.getLogger(__name__)
 Grid = tuple[int, int]  # (columns, rows), the order the reference's grid search works in
@@ -159,7 +160,7 @@ def processor_resize(image: PIL.Image.Image, proc: ProcessorConfig) -> PIL.Image
     """
     if not proc.do_resize or image.size == (proc.size, proc.size):
         return image
-    if proc.kind == "siglip" and image.height in (1, 3):
+    if tower_family(proc.kind).pixels.guesses_channel_axis and image.height in (1, 3):
         if image.height == 1:
             raise MediaError(
                 f"an image {image.width}x1 pixels cannot be read by this model's image processor in this mode (the "
@@ -167,8 +168,7 @@ def processor_resize(image: PIL.Image.Image, proc: ProcessorConfig) -> PIL.Image
                 "pixels high"
             )
         image = PIL.Image.fromarray(np.ascontiguousarray(np.asarray(image.convert("RGB")).transpose(1, 2, 0)))
-    resample = PIL.Image.BICUBIC if proc.kind == "intern" else proc.resample
-    return image.resize((proc.size, proc.size), resample=resample)
+    return image.resize((proc.size, proc.size), resample=proc.resample)
 
 
 def to_uint8(image: PIL.Image.Image, proc: ProcessorConfig) -> np.ndarray:
@@ -180,18 +180,20 @@ def to_uint8(image: PIL.Image.Image, proc: ProcessorConfig) -> np.ndarray:
 def value_table(proc: ProcessorConfig) -> np.ndarray:
     """``(3, 256)`` float32: the processor's output for every uint8 value of every channel.
 
-    Built with the processor's own operations: the SigLIP processor's float64 rescale cast to float32, then
-    a float32 ``(x - mean) / std``; InternViT's float32 ``x / 255`` (ToTensor) then the same normalisation.
+    Built with the processor's own operations (its family's :class:`~vila.families.PixelRules`): the SigLIP
+    processor's float64 rescale cast to float32, then a float32 ``(x - mean) / std``; torchvision's float32
+    ``x / 255`` (ToTensor, InternViT) then the same normalisation.
     Each output pixel depends only on its byte and channel, so a table lookup is bit-identical.
     """
     x = torch.arange(256, dtype=torch.uint8)[:, None].expand(256, 3)
-    if proc.kind == "intern":
+    to_tensor = tower_family(proc.kind).pixels.float32_rescale
+    if to_tensor:
         x = x.to(torch.float32).div(255)
     elif proc.do_rescale:
         x = (x.to(torch.float64) * proc.rescale_factor).to(torch.float32)
     else:
         x = x.to(torch.float32)
-    if proc.kind == "intern" or proc.do_normalize:
+    if to_tensor or proc.do_normalize:
         mean = torch.tensor(proc.image_mean, dtype=torch.float32)
         std = torch.tensor(proc.image_std, dtype=torch.float32)
         x = (x - mean) / std
@@ -218,10 +220,6 @@ def normalize(pixels: np.ndarray, proc: ProcessorConfig) -> torch.Tensor:
 
 def to_pixels(tiles: list[PIL.Image.Image], proc: ProcessorConfig) -> torch.Tensor:
     """Tiles -> ``(n, 3, s, s)`` float32."""
-    if proc.kind == "intern":
-        # InternViT: torchvision Resize on a PIL image (= PIL bicubic), ToTensor, ImageNet mean/std.
-        arrays = [np.asarray(t.resize((proc.size, proc.size), PIL.Image.BICUBIC), dtype=np.uint8) for t in tiles]
-        return normalize(np.stack(arrays), proc)
     return normalize(np.stack([to_uint8(t, proc) for t in tiles]), proc)
 
 

@@ -7,11 +7,12 @@ job's ``on_event`` callback, called from the worker thread: ``("start", None)`` 
 ``("error", exception)``.
 
 Scheduling: the worker takes the oldest waiting job; if it is greedy (no sampling, no JSON mode) it also
-takes up to ``max_batch_size - 1`` other *waiting* greedy jobs with the same prompt settings, and decodes
-them as one left-padded batch (:func:`vila.batch.generate_batch`, whose answers equal one-by-one answers).
-Everything else runs alone. A running batch admits nobody, so a job waits at most for the jobs queued
-before it, each bounded by its ``max_tokens``. Per-row stopping criteria stream each row's text, apply
-``stop`` strings and cancel a row within one token once its client is gone.
+takes up to ``max_batch_size - 1`` other *waiting* greedy jobs with the same prompt settings, and answers
+them with one engine call (:func:`vila.engine.run`: one batch through the LLM, whose answers equal one-by-one
+answers). Everything else runs alone. A running batch admits nobody, so a job waits at most for the jobs
+queued before it, each bounded by its ``max_tokens``. Each row's per-token hook (:class:`RowTracker`) streams
+its text, applies ``stop`` strings, and the engine's ``cancel`` ends a row within one token once its client is
+gone.
 """
 
 from __future__ import annotations
@@ -23,8 +24,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
-
+from . import engine
 from .cache import FeatureCache
 from .streaming import IncrementalDecoder
 
@@ -148,103 +148,42 @@ class Scheduler:
             try:
                 live = [j for j in group if not j.cancelled]
                 if live:
-                    if live[0].batch_key is not None and self.batched:
-                        self._run_batch(live)
-                    else:
-                        self._run_single(live[0])
+                    self._run(live)
             except BaseException as e:  # noqa: BLE001 - the worker must survive anything one request does
                 for job in group:
                     job.on_event("error", e)
             finally:
                 self.running = 0
 
-    def _prepare(self, jobs: Sequence[Job]) -> list[tuple[Job, Any]]:
-        """Prepared prompts of ``jobs`` (media through the vision tower together); failures get their error."""
-        from .model.vila import to_turns
-
-        s = jobs[0].settings
-        turns, live = [], []
-        for job in jobs:
-            try:
-                turns.append(to_turns(job.prompt))
-                live.append(job)
-            except Exception as e:  # noqa: BLE001 - reported to that request only
-                job.on_event("error", e)
-        prepared = self.model.prepare_many(
-            turns,
-            template=jobs[0].template,
-            num_video_frames=s.get("num_video_frames"),
-            fps=s.get("fps"),
-            cache=self.cache,
-            return_errors=True,
-        )
-        ready = []
-        for job, p in zip(live, prepared):
-            try:
-                if isinstance(p, Exception):
-                    raise p
-                self.model.check_fits(p)
-                ready.append((job, p))
-            except Exception as e:  # noqa: BLE001 - reported to that request only
-                job.on_event("error", e)
-        return ready
-
-    def _budget(self, job: Job, num_prompt_tokens: int) -> int:
-        room = self.model.context_length - num_prompt_tokens
-        wanted = job.settings.get("max_new_tokens")
-        return min(wanted, room) if wanted else room
-
-    def _run_batch(self, jobs: list[Job]) -> None:
-        from .batch import generate_batch
-
-        ready = self._prepare(jobs)
-        if not ready:
-            return
-        lengths = [p.inputs_embeds.shape[0] for _, p in ready]
-        budgets = [self._budget(job, n) for (job, _), n in zip(ready, lengths)]
-        rows = RowTracker(self.model, [job for job, _ in ready], budgets)
-        for job, _ in ready:
-            job.start()
-        try:
-            generate_batch(self.model, [p for _, p in ready], budgets, stopping_criteria=[rows])
-        except BaseException as e:  # noqa: BLE001 - every request of the batch learns of it
-            for job, _ in ready:
-                job.on_event("error", e)
-            return
-        rows.finish(lengths)
-
-    def _run_single(self, job: Job) -> None:
-        settings = dict(job.settings)
-        budget = settings.get("max_new_tokens")
-        if self.batched:  # the prompt is encoded once here (exact budget, early errors), then hit in the cache
-            ready = self._prepare([job])
-            if not ready:
-                return
-            budget = self._budget(job, ready[0][1].inputs_embeds.shape[0])
-        settings["max_new_tokens"] = budget
-        from transformers import StoppingCriteriaList
-
-        temperature = settings.get("temperature") or 0
-        rows = RowTracker(self.model, [job], [budget])
-        try:
-            result = self.model.generate(
+    def _run(self, jobs: list[Job]) -> None:
+        """One engine call for ``jobs``; each gets its deltas, then its completion or its error."""
+        trackers = [RowTracker(self.model, job) for job in jobs]
+        requests = [
+            engine.Request(
                 job.prompt,
-                do_sample=temperature > 0,
-                template=job.template,
-                cache=self.cache if self.batched else None,
-                stopping_criteria=StoppingCriteriaList([rows]),
-                **settings,
+                {
+                    **job.settings,
+                    "do_sample": (job.settings.get("temperature") or 0) > 0,
+                    "template": job.template,
+                    "cache": self.cache,
+                },
+                on_token=tracker.step,
+                cancel=lambda job=job: job.cancelled,
             )
-        except BaseException as e:  # noqa: BLE001 - reported to the request
-            job.on_event("error", e)
-            return
-        rows.finish([result.num_prompt_tokens])
+            for job, tracker in zip(jobs, trackers)
+        ]
+        for job, tracker, result in zip(jobs, trackers, engine.run(self.model, requests, return_errors=True)):
+            if job.cancelled:
+                continue
+            if isinstance(result, BaseException):
+                job.on_event("error", result)
+            else:
+                tracker.finish(result.num_prompt_tokens)
 
 
 @dataclass
 class _Row:
     job: Job
-    budget: int | None
     ids: list[int] = field(default_factory=list)
     decoder: IncrementalDecoder | None = None  # for rows that stream or watch for stop strings
     text: str = ""  # what ``decoder`` gave out, left-stripped like the answer
@@ -258,31 +197,28 @@ class _Row:
 
 
 class RowTracker:
-    """A stopping criterion for ``generate`` that follows each row's new tokens: it streams text deltas,
-    ends a row at a ``stop`` string, at its budget or when its job is cancelled, and makes the final answers
-    (decoded as :meth:`VilaModel.generate` decodes them, cut at a stop string).
+    """The per-token hook of one job (:attr:`step`, the engine's ``on_token``): it streams text deltas, ends the
+    row at a ``stop`` string, and makes the final answer (decoded as :meth:`VilaModel.generate` decodes it, cut at
+    a stop string).
 
     Each token is decoded once, incrementally (:class:`vila.streaming.IncrementalDecoder`), and stop strings
     are looked for only where a new match can be: a decode of the whole answer at every token would make a
     long answer quadratic in its length."""
 
-    def __init__(self, model: Any, jobs: Sequence[Job], budgets: Sequence[int | None]):
+    def __init__(self, model: Any, job: Job):
         self.tokenizer = model.tokenizer
         self.stop_ids = set(model.stop_token_ids)
-        self.rows = [_Row(job, budget) for job, budget in zip(jobs, budgets)]
-        for row in self.rows:
-            if row.job.stream or row.job.stop:
-                row.decoder = IncrementalDecoder(self.tokenizer)
+        self.row = _Row(job)
+        if job.stream or job.stop:
+            self.row.decoder = IncrementalDecoder(self.tokenizer)
 
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
-        last = input_ids[:, -1].tolist()
-        done = []
-        for row, token in zip(self.rows, last):
-            row.job.start()
-            if not row.finished and not row.job.cancelled:
-                self._step(row, token)
-            done.append(row.finished or row.job.cancelled)
-        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+    def step(self, token: int) -> bool:
+        """A new token of this row; True ends the row (a stop string, or the job was cancelled)."""
+        row = self.row
+        row.job.start()
+        if not row.finished and not row.job.cancelled:
+            self._step(row, token)
+        return row.finished or row.job.cancelled
 
     def _text(self, row: _Row) -> str:
         return self.tokenizer.decode(row.ids, skip_special_tokens=True).strip()
@@ -308,8 +244,6 @@ class RowTracker:
                     return
             if row.job.stream:
                 self._send(row, _stable(row.text[len(row.sent) :], stops))
-        if row.budget is not None and len(row.ids) >= row.budget:
-            row.finish_reason = "length"
 
     def _so_far(self, row: _Row) -> str | None:
         """The answer so far as ``decode(ids).lstrip()`` reads it, so that a stop string counts as soon as the
@@ -330,19 +264,20 @@ class RowTracker:
             row.job.on_event("delta", piece)
             row.sent += piece
 
-    def finish(self, num_prompt_tokens: Sequence[int]) -> None:
-        """Send each live row's last delta and its :class:`Completion`."""
-        for row, n in zip(self.rows, num_prompt_tokens):
-            if row.job.cancelled:
-                continue
-            text = row.cut if row.cut is not None else self._text(row)
-            if row.job.stream:
-                if text.startswith(row.sent):
-                    self._send(row, text[len(row.sent) :])
-                else:  # a later token changed how earlier ones decode; what was sent stands
-                    logger.debug("request %s: streamed text diverged from the final decode", row.job.id)
-            reason = row.finish_reason or "length"
-            row.job.on_event("done", Completion(text, n, len(row.ids), reason))
+    def finish(self, num_prompt_tokens: int) -> None:
+        """Send the row's last delta and its :class:`Completion` (nothing once the job is cancelled)."""
+        row = self.row
+        if row.job.cancelled:
+            return
+        row.job.start()
+        text = row.cut if row.cut is not None else self._text(row)
+        if row.job.stream:
+            if text.startswith(row.sent):
+                self._send(row, text[len(row.sent) :])
+            else:  # a later token changed how earlier ones decode; what was sent stands
+                logger.debug("request %s: streamed text diverged from the final decode", row.job.id)
+        reason = row.finish_reason or "length"
+        row.job.on_event("done", Completion(text, num_prompt_tokens, len(row.ids), reason))
 
 
 def _stable(text: str, stops: Sequence[str]) -> str:

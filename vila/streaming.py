@@ -1,10 +1,10 @@
 """Streaming answers, timing generation, and showing progress on a terminal.
 
-``VilaModel.stream_content`` runs ``generate`` in a worker thread whose streamer decodes each token as it
-comes (:class:`IncrementalDecoder`) and hands the text to the reading thread; the pieces are stripped like
-the final answer, so that joined they equal ``generate_content``'s string. ``TokenClock`` is the streamer
-``generate`` always passes: it timestamps tokens for ``--stats`` and forwards everything to the caller's
-streamer. :class:`Progress` is ``vila-infer``'s token counter on a terminal.
+``VilaModel.stream_content`` runs the engine (:func:`vila.engine.generate`) in a worker thread whose per-token
+hook decodes each token as it comes (:class:`IncrementalDecoder`) and hands the text to the reading thread; the
+pieces are stripped like the final answer, so that joined they equal ``generate_content``'s string.
+``TokenClock`` is the streamer the engine always drives: it timestamps tokens for ``--stats`` and forwards
+everything to the caller's streamer. :class:`Progress` is ``vila-infer``'s token counter on a terminal.
 """
 
 from __future__ import annotations
@@ -15,14 +15,14 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, TextIO
 
 import torch
 
 
 class TokenClock:
-    """A ``generate`` streamer (``put`` / ``end``) recording when the first and the last new token came out;
+    """A streamer (``put`` / ``end``, as the LLM's ``generate`` calls it) recording when the first and the last new token came out;
     passes every call on to ``inner``. (Duck-typed, so importing vila does not import transformers.)"""
 
     def __init__(self, inner: Any = None):
@@ -124,38 +124,29 @@ class IncrementalDecoder:
         return self._bytes[token_id]
 
 
-class _Cancelled(Exception):
-    """Raised in the generating thread, from the streamer, to leave ``generate`` at once: nobody reads on."""
-
-
-class _PieceStreamer:
-    """The ``generate`` streamer of a :class:`TextStream`: decodes each token and hands the text to the
-    reading thread, one piece at a time. ``put`` returns only once the reader took the piece, so generation
-    runs at most one token ahead of the reader and pauses when the reader pauses; after :meth:`cancel` the
-    next ``put`` raises, which ends ``generate`` within one token."""
+class _PieceSink:
+    """The per-token hook of a :class:`TextStream`: decodes each token and hands the text to the reading thread,
+    one piece at a time. :meth:`on_token` returns only once the reader took the piece, so generation runs at
+    most one token ahead of the reader and pauses when the reader pauses; after :meth:`cancel` it returns True,
+    which ends the generation within one token."""
 
     def __init__(self, tokenizer: Any):
         self.decoder = IncrementalDecoder(tokenizer)
         self.tokens = 0
-        self._seen_prompt = False
         self._cond = threading.Condition()
         self._queue: deque[str | None] = deque()
         self._cancelled = False
 
-    def put(self, value: torch.Tensor) -> None:
-        if not self._seen_prompt:  # generate's first put is the prompt
-            self._seen_prompt = True
-            return
-        self.tokens += value.numel()
-        piece = self.decoder.push(value.reshape(-1).tolist())
+    def on_token(self, token: int) -> bool:
+        self.tokens += 1
+        piece = self.decoder.push([token])
         with self._cond:
             if piece and not self._cancelled:
                 self._queue.append(piece)
                 self._cond.notify_all()
                 while self._queue and not self._cancelled:
                     self._cond.wait()
-            if self._cancelled:
-                raise _Cancelled
+            return self._cancelled
 
     def end(self) -> None:
         with self._cond:
@@ -183,12 +174,12 @@ class _PieceStreamer:
 
 # Generations in flight. At interpreter exit they are cancelled and waited for: a daemon thread still inside
 # torch when the interpreter finalises aborts the process ("terminate called without an active exception").
-_RUNNING: set[tuple[threading.Thread, _PieceStreamer]] = set()
+_RUNNING: set[tuple[threading.Thread, _PieceSink]] = set()
 _RUNNING_LOCK = threading.Lock()
 _atexit_registered = False
 
 
-def _track(entry: tuple[threading.Thread, _PieceStreamer]) -> None:
+def _track(entry: tuple[threading.Thread, _PieceSink]) -> None:
     global _atexit_registered
     with _RUNNING_LOCK:
         if not _atexit_registered:
@@ -200,8 +191,8 @@ def _track(entry: tuple[threading.Thread, _PieceStreamer]) -> None:
 def _stop_all() -> None:
     with _RUNNING_LOCK:
         running = list(_RUNNING)
-    for _, streamer in running:
-        streamer.cancel()
+    for _, sink in running:
+        sink.cancel()
     for thread, _ in running:
         thread.join()
 
@@ -209,20 +200,22 @@ def _stop_all() -> None:
 class _StreamState:
     def __init__(self) -> None:
         self.result: Any = None
-        self.streamer: _PieceStreamer | None = None
+        self.sink: _PieceSink | None = None
 
 
 class TextStream:
     """Iterator over the pieces of one streamed answer; ``result`` is the ``GenerationResult`` once done.
 
-    Generation pauses when the reader does (it runs at most one token ahead) and stops within one token when
-    the stream is closed, dropped (leaving a ``for`` loop over it with ``break``), or the program exits."""
+    ``run(on_token)`` generates the answer (in a worker thread), calling ``on_token`` with each new token id and
+    stopping when it returns True. Generation pauses when the reader does (it runs at most one token ahead) and
+    stops within one token when the stream is closed, dropped (leaving a ``for`` loop over it with ``break``), or
+    the program exits."""
 
-    def __init__(self, model: Any, prompt: Any, kwargs: dict[str, Any]):
+    def __init__(self, tokenizer: Any, run: Callable[[Callable[[int], bool]], Any]):
         # The generator must not hold this object (no reference cycle), so that dropping the stream closes
         # the generator, and with it the generation, at once rather than at the next garbage collection.
         self._state = _StreamState()
-        self._pieces = _stream(model, prompt, dict(kwargs), self._state)
+        self._pieces = _stream(tokenizer, run, self._state)
 
     def __iter__(self) -> TextStream:
         return self
@@ -243,34 +236,34 @@ class TextStream:
     @property
     def num_tokens(self) -> int:
         """Tokens generated so far."""
-        streamer = self._state.streamer
-        return streamer.tokens if streamer is not None else 0
+        sink = self._state.sink
+        return sink.tokens if sink is not None else 0
 
     def close(self) -> None:
         """Stop generating (within one token) and wait for the generating thread to end."""
         self._pieces.close()
 
 
-def _stream(model: Any, prompt: Any, kwargs: dict[str, Any], state: _StreamState) -> Iterator[str]:
-    streamer = _PieceStreamer(model.tokenizer)
-    state.streamer = streamer
+def _stream(tokenizer: Any, run: Callable[[Callable[[int], bool]], Any], state: _StreamState) -> Iterator[str]:
+    sink = _PieceSink(tokenizer)
+    state.sink = sink
     box: dict[str, Any] = {}
 
     def work() -> None:
         try:
-            box["result"] = model.generate(prompt, streamer=streamer, **kwargs)
+            box["result"] = run(sink.on_token)
         except BaseException as e:  # noqa: BLE001 - handed to the reading thread
             box["error"] = e
         finally:
-            streamer.end()  # unblocks the reader when generate failed or was cancelled
+            sink.end()  # unblocks the reader when generation failed or was cancelled
 
     thread = threading.Thread(target=work, name="vila-generate", daemon=True)
-    entry = (thread, streamer)
+    entry = (thread, sink)
     _track(entry)
     thread.start()
     sent = ""
     try:
-        for piece in strip_pieces(streamer.pieces()):
+        for piece in strip_pieces(sink.pieces()):
             sent += piece
             yield piece
         thread.join()
@@ -282,7 +275,7 @@ def _stream(model: Any, prompt: Any, kwargs: dict[str, Any], state: _StreamState
         if len(text) > len(sent) and text.startswith(sent):
             yield text[len(sent) :]
     finally:
-        streamer.cancel()
+        sink.cancel()
         thread.join()
         with _RUNNING_LOCK:
             _RUNNING.discard(entry)

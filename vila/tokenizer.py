@@ -14,8 +14,9 @@ from .prompt import IMAGE_TOKEN, SENTINEL_TOKEN, VIDEO_TOKEN, Template
 _DUMMY_TURNS = 10
 
 
-def load_tokenizer(llm_dir: Path) -> Any:
-    """Load ``llm/tokenizer.json`` exactly as saved and add the media tokens.
+def load_tokenizer(folder: Path) -> Any:
+    """Load the tokenizer in ``folder`` (the LLM source's side-file folder: ``llm/`` in the original layout, the
+    checkpoint itself in the single-folder one) exactly as saved and add the media tokens.
 
     transformers 5.x ``AutoTokenizer`` rebuilds Llama/SentencePiece tokenizers and drops the saved
     normalizer, which removes the ``▁`` after every special token and shifts all later ids;
@@ -23,7 +24,7 @@ def load_tokenizer(llm_dir: Path) -> Any:
     """
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-    path = llm_dir if (llm_dir / "tokenizer_config.json").exists() else llm_dir / "llm"
+    path = folder if (folder / "tokenizer_config.json").exists() else folder / "llm"
     try:
         if (path / "tokenizer.json").exists():
             tok = PreTrainedTokenizerFast.from_pretrained(path, padding_side="right")
@@ -31,7 +32,7 @@ def load_tokenizer(llm_dir: Path) -> Any:
             # Only a SentencePiece model was saved: there is no verbatim pipeline to load.
             tok = AutoTokenizer.from_pretrained(path, padding_side="right")
         else:
-            raise CheckpointError(f"no tokenizer in {llm_dir}; the checkpoint is incomplete (re-download it)")
+            raise CheckpointError(f"no tokenizer in {folder}; the checkpoint is incomplete (re-download it)")
     except (OSError, ValueError) as e:
         raise CheckpointError(f"cannot load the tokenizer from {path}: {e}") from e
     if tok.eos_token is None:

@@ -23,9 +23,7 @@ import re
 import sys
 import tempfile
 import threading
-import urllib.error
 import urllib.parse
-import urllib.request
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -37,8 +35,9 @@ from typing import Any, Protocol
 import numpy as np
 import PIL.Image
 
+from .download import fetch_to
 from .errors import MediaError, UsageError
-from .media import URL_TIMEOUT_S, Image, Video, is_url, load_image, sniff_file, unsupported_message
+from .media import Image, Video, is_url, load_image, sniff_file, sniff_unsupported, unsupported_message
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +60,6 @@ PYAV_THREAD_TYPE = "AUTO"
 PYAV_FPS_RTOL = 1e-6
 # A container that reports no (or a negative) frame count is counted by decoding; this bounds that count.
 MAX_COUNTED_FRAMES = 10_000_000
-DOWNLOAD_CHUNK = 1 << 20
 # Parallel decoding of many frames: contiguous runs of at least this many frames, one decoder each.
 MAX_DECODE_WORKERS = 8
 MIN_FRAMES_PER_WORKER = 4
@@ -1179,7 +1177,9 @@ def download_video(url: str, *, progress: bool | None = None, cache_dir: Path | 
         ) from e
     try:
         with os.fdopen(fd, "wb") as out:
-            _stream(url, out, progress)
+            fetch_to(
+                url, out, refuse=lambda head: _refuse_web_page(head, url), progress=progress, desc="downloading video"
+            )
         os.replace(tmp, target)
     finally:
         with contextlib.suppress(OSError):
@@ -1187,37 +1187,8 @@ def download_video(url: str, *, progress: bool | None = None, cache_dir: Path | 
     return target
 
 
-def _stream(url: str, out: Any, progress: bool | None) -> None:
-    from tqdm import tqdm
-
-    try:
-        request = urllib.request.Request(url, headers={"User-Agent": "vila"})
-        with urllib.request.urlopen(request, timeout=URL_TIMEOUT_S) as response:
-            length = response.headers.get("Content-Length")
-            total = int(length) if length and length.isdigit() else None
-            written = 0
-            show = progress if progress is not None else sys.stderr.isatty()
-            with tqdm(
-                total=total,
-                desc="downloading video",
-                unit="B",
-                unit_scale=True,
-                file=sys.stderr,
-                disable=not show,
-                leave=False,
-            ) as bar:
-                while chunk := response.read(DOWNLOAD_CHUNK):
-                    out.write(chunk)
-                    written += len(chunk)
-                    bar.update(len(chunk))
-    except (urllib.error.URLError, OSError, ValueError) as e:
-        reason = getattr(e, "reason", None) or e
-        raise MediaError(
-            f"cannot download {url}: {reason}; check the URL and your network, or pass a local file"
-        ) from e
-    except Exception as e:  # http.client.IncompleteRead and other protocol errors
-        raise MediaError(f"download of {url} failed: {e}; try again, or download the file yourself") from e
-    if written == 0:
-        raise MediaError(f"{url} returned no data; check the URL")
-    if total is not None and written != total:
-        raise MediaError(f"download of {url} stopped after {written} of {total} bytes; try again")
+def _refuse_web_page(head: bytes, url: str) -> None:
+    """A web page (a login or error page) is never a video; refused before it lands in the cache. Other
+    content is left to the decoders, which read more than the signatures know (a text playlist, say)."""
+    if sniff_unsupported(head) == "an HTML page":
+        raise MediaError(unsupported_message(url, "an HTML page"))

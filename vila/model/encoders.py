@@ -1,9 +1,8 @@
-"""From pixels to the embedding blocks that replace media tokens (NVlabs/VILA ``llava/model/encoders/``:
-``BasicImageEncoder``, ``BasicVideoEncoder``, ``TSPVideoEncoder``).
+"""From pixels to the embedding blocks that replace media tokens.
 
-``encode_images`` joins tower, multi-scale merge and projector. The image encoder wraps each image's
-projected tokens with the start/end token embeddings; the video encoders do the same per frame (Basic) or
-after temporal/spatial pooling (TSP).
+``encode_images`` joins tower, multi-scale merge and projector; ``wrap`` puts the start/end token embeddings
+around a block; ``encode_video`` applies the video encoder the checkpoint names, registered in
+:mod:`vila.families.encoders` (NVlabs/VILA ``llava/model/encoders/``).
 """
 
 from __future__ import annotations
@@ -14,6 +13,7 @@ import torch
 from torch import nn
 
 from ..config import EncoderConfig, VisionConfig
+from ..families import encoder_family
 from .projector import MultimodalProjector
 from .vision import (
     BlockSize,
@@ -68,47 +68,7 @@ def wrap(features: torch.Tensor, start: torch.Tensor | None, end: torch.Tensor |
     return torch.cat(parts, dim=1).flatten(0, 1)
 
 
-def pool(x: torch.Tensor, size: int, dim: int) -> torch.Tensor:
-    """Mean over consecutive groups of ``size`` along ``dim``."""
-    return x.unflatten(dim, (-1, size)).mean(dim + 1)
-
-
-def pad_frames(features: torch.Tensor, multiple: int) -> torch.Tensor:
-    """Repeat the last frame until the frame count is a multiple of the temporal pool size.
-
-    The reference raises when a TSP checkpoint gets e.g. 12 frames for a pool size of 8 (fps sampling on a
-    short clip, decode failures). Repeating the last frame keeps every decoded frame and changes nothing
-    when the count already fits (every released setting samples a multiple).
-    """
-    t = features.shape[0]
-    if t % multiple == 0:
-        return features
-    extra = multiple - t % multiple
-    return torch.cat([features, features[-1:].expand(extra, *features.shape[1:])])
-
-
-def tsp_pool(features: torch.Tensor, pool_size: tuple[int, int, int]) -> torch.Tensor:
-    """``(T, N, D)`` frame features -> ``(T/pt, (g/ph)*(g/pw), D)``."""
-    t, n, d = features.shape
-    g = int(n**0.5)
-    pt, ph, pw = pool_size
-    if g % ph or g % pw:
-        raise ValueError(f"TSP pool size {pool_size} does not divide the {g}x{g} token grid")
-    x = pad_frames(features, pt).reshape(-1, g, g, d)  # (T', g, g, D)
-    for dim, p in enumerate(pool_size):
-        x = pool(x, p, dim)
-    return x.flatten(1, 2)
-
-
 def encode_video(frame_features: torch.Tensor, cfg: EncoderConfig, embed: TokenEmbedder) -> torch.Tensor:
-    """One video's frame features ``(T, N, D)`` -> its embedding block (Basic or TSP encoder)."""
-    start, end = embed(cfg.start_tokens), embed(cfg.end_tokens)
-    if cfg.kind == "basic_video":
-        return wrap(frame_features, start, end)
-    sep = embed(cfg.sep_tokens)
-    blocks = []
-    for size in cfg.pool_sizes:
-        blocks.append(wrap(tsp_pool(frame_features, size), start, end))
-        if sep is not None:
-            blocks.append(sep)
-    return torch.cat(blocks)
+    """One video's frame features ``(T, N, D)`` -> its embedding block, by the registered encoder of
+    ``cfg.kind`` (:mod:`vila.families.encoders`)."""
+    return encoder_family(cfg.kind).encode(frame_features, cfg, embed)

@@ -15,9 +15,8 @@ hidden state.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.activations import ACT2FN
 
+from vila.checkpoint import ComponentSource
 from vila.errors import CheckpointError, UsageError
 
 __all__ = [
@@ -268,27 +268,21 @@ def preprocess_intern(image: PIL.Image.Image, image_size: int = 448) -> torch.Te
     return pixels.sub(mean).div(std)
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except FileNotFoundError:
-        raise CheckpointError(f"missing InternViT file {path}") from None
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"cannot read {path}: {e}") from None
+def load_intern_vit(
+    source: ComponentSource | str | os.PathLike, *, dtype: torch.dtype, device: str | torch.device
+) -> InternVisionModel:
+    """Build the tower on the meta device and load ``source``'s safetensors straight into place (no random init).
 
-
-def load_intern_vit(folder: str | os.PathLike, *, dtype: torch.dtype, device: str | torch.device) -> InternVisionModel:
-    """Build the tower on the meta device and load ``folder``'s safetensors straight into place (no random init).
-
-    ``folder`` is a ``vision_tower/`` directory with ``config.json`` and either ``model.safetensors`` or index-sharded
+    ``source`` is the tower's component source, or a ``vision_tower/`` directory with ``config.json`` and either ``model.safetensors`` or index-sharded
     ``model-*.safetensors``. Every tensor is cast to ``dtype`` and put on ``device`` one at a time, so peak host
     memory stays around one tensor beyond the final model. The returned model is in eval mode without gradients.
     """
     from ..checkpoint import assign_weights
+    from ..config import folder_source
 
-    folder = Path(folder)
-    config = InternVisionConfig.from_dict(_read_json(folder / "config.json"))
+    if not isinstance(source, ComponentSource):
+        source = folder_source(Path(source), "vision tower")
+    config = InternVisionConfig.from_dict(source.config)
     with torch.device("meta"):
         model = InternVisionModel(config)
-    return assign_weights(model, folder, dtype=dtype, device=device, what="InternViT")
+    return assign_weights(model, replace(source, what="InternViT"), dtype=dtype, device=device)

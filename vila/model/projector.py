@@ -1,18 +1,15 @@
-"""Multimodal projectors, chosen by ``mm_projector_type`` (NVlabs/VILA
-``llava/model/multimodal_projector/base_projector.py``, ``MultimodalProjector``).
-
-The module is an ``nn.Sequential`` stored as ``layers`` so that parameter names equal the checkpoint's
-(``layers.{i}.weight``); parameter-free modules keep their positional index.
+"""The multimodal projector module (NVlabs/VILA ``llava/model/multimodal_projector/base_projector.py``,
+``MultimodalProjector``) and the space-to-channel downsample its recipes start with. The recipe per
+``mm_projector_type`` is registered in :mod:`vila.families.projectors`; its ``layers`` module is stored as
+``layers`` so that parameter names equal the checkpoint's (``layers.{i}.weight``).
 """
 
 from __future__ import annotations
 
-import re
-
 import torch
 from torch import nn
 
-from ..errors import UnsupportedModelError
+from ..families import projector_family
 
 
 def _pad_grid(x: torch.Tensor, multiple: int) -> torch.Tensor:
@@ -51,46 +48,9 @@ class DownSample(nn.Module):
         return x.reshape(b, (r // k) * (c // k), k * k * m)
 
 
-def _mlp(widths: list[int], out: int) -> list[nn.Module]:
-    """LN/Linear/GELU chains of the downsample projectors: ``LN(w0), Lin(w0,w1), GELU, LN(w1), ...``."""
-    layers: list[nn.Module] = []
-    for a, b in zip(widths, widths[1:] + [out]):
-        layers += [nn.LayerNorm(a), nn.Linear(a, b), nn.GELU()]
-    return layers
-
-
 def build_layers(kind: str, mm_hidden: int, hidden: int) -> nn.Module:
-    """The ``layers`` module for a projector type; exact GELU, LayerNorm eps 1e-5, all Linear with bias."""
-    m, d = mm_hidden, hidden
-    if kind == "identity":
-        return nn.Identity()
-    if kind == "linear":
-        return nn.Linear(m, d)
-    match = re.fullmatch(r"mlp(\d+)x_gelu", kind)
-    if match:
-        layers: list[nn.Module] = [nn.Linear(m, d)]
-        for _ in range(1, int(match.group(1))):
-            layers += [nn.GELU(), nn.Linear(d, d)]
-        return nn.Sequential(*layers)
-    if kind in ("mlp_downsample", "mlp_downsample_2x2_fix"):
-        return nn.Sequential(DownSample(2), nn.LayerNorm(4 * m), nn.Linear(4 * m, d), nn.GELU(), nn.Linear(d, d))
-    if kind == "mlp_downsample_3x3_fix":
-        chain = _mlp([9 * m, 3 * m], d)  # LN, Lin(9m,3m), GELU, LN, Lin(3m,d), GELU
-        return nn.Sequential(DownSample(3), *chain, nn.Linear(d, d))
-    if kind == "mlp_downsample_3x3_s2":
-        chain = _mlp([9 * m, 3 * m, m, m // 3], d)
-        return nn.Sequential(DownSample(3), *chain, nn.Linear(d, d))
-    if kind == "mlp_downsample_3x3_s2_new":
-        chain = _mlp([9 * m, 4 * m, 2 * m, m, m // 3], d)
-        return nn.Sequential(DownSample(3), *chain, nn.Linear(d, d))
-    raise UnsupportedModelError(
-        f"unknown mm_projector_type {kind!r}; supported: identity, linear, mlpNx_gelu, mlp_downsample, "
-        "mlp_downsample_2x2_fix, mlp_downsample_3x3_fix, mlp_downsample_3x3_s2, mlp_downsample_3x3_s2_new"
-    )
-
-
-def _first_linear_index(layers: nn.Module) -> int:
-    return next(i for i, mod in enumerate(layers) if isinstance(mod, nn.Linear))
+    """The ``layers`` module of a projector type, from its registered recipe (:mod:`vila.families.projectors`)."""
+    return projector_family(kind).build(kind, mm_hidden, hidden)
 
 
 class MultimodalProjector(nn.Module):

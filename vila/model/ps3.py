@@ -22,14 +22,13 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..checkpoint import assign_weights
+from ..checkpoint import ComponentSource, assign_weights
 from ..errors import CheckpointError, UnsupportedModelError
 
 # timm ViT presets PS3 was released with: (width, depth, heads, mlp_ratio, patch, img_size). SigLIP and
@@ -37,6 +36,8 @@ from ..errors import CheckpointError, UnsupportedModelError
 TIMM_VITS: dict[str, tuple[int, int, int, float, int, int]] = {
     "vit_so400m_patch14_siglip_378": (1152, 27, 16, 3.7362, 14, 378),
 }
+# The trunk's final norm and pooling head are stored but never used by VILA-HD, so they are not built.
+UNUSED_PREFIXES = ("vision_model.trunk.norm.", "vision_model.trunk.attn_pool.")
 # Keys of the test-only ``timm_model_kwargs`` override (shared/fixtures vilahd-tiny) mapped to our fields.
 _TIMM_OVERRIDES = {"embed_dim": "width", "depth": "depth", "num_heads": "num_heads", "mlp_ratio": "mlp_ratio"}
 
@@ -542,17 +543,15 @@ class PS3Tower(nn.Module):
     def build(
         cls,
         cfg: PS3Config,
-        folder: Path | None,
+        source: ComponentSource | None,
         dtype: torch.dtype,
         device: torch.device | str,
         select_layer: int = -2,
     ) -> PS3Tower:
-        """Built on the meta device; weights assigned straight from ``folder/*.safetensors`` (none: stays on
+        """Built on the meta device; weights assigned straight from the tower's safetensors (no source: stays on
         meta, for shape checks from a config alone)."""
         with torch.device("meta"):
             tower = cls(cfg, select_layer)
-        if folder is None:
+        if source is None:
             return tower
-        # The trunk's final norm and pooling head are stored but never used by VILA-HD.
-        unused = ("vision_model.trunk.norm.", "vision_model.trunk.attn_pool.")
-        return assign_weights(tower, Path(folder), dtype=dtype, device=device, what="PS3", skip=unused)
+        return assign_weights(tower, source, dtype=dtype, device=device, what="PS3", skip=UNUSED_PREFIXES)

@@ -1,35 +1,46 @@
-"""The VILA model: media embeddings spliced into the LLM input, then the LLM's ``generate``.
+"""The VILA model: media embeddings spliced into the LLM input, logits (``forward``, ``score``); answers come
+from the engine (:mod:`vila.engine`).
 
-A request flows top-down: prompt parts -> decoded media -> preprocessing -> tower -> projector -> encoders
--> spliced ``inputs_embeds`` -> ``generate`` -> text. Everything constant (templates, stop tokens,
-start/end token embeddings) is prepared once at load.
+A request flows top-down: the processor (:mod:`vila.processor`: turns, decoded media, prompt ids) ->
+preprocessing -> tower -> projector -> encoders -> spliced ``inputs_embeds`` -> the engine -> text.
+Everything constant (templates, stop tokens, start/end token embeddings) is prepared once at load; nothing
+about a request is stored on the model.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import time
-import warnings
 from collections import deque
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 import PIL.Image
 import torch
 from torch import nn
 
-from ..cache import FeatureCache, content_digest, media_key
-from ..checkpoint import assign_weights
+from .. import engine
+from ..cache import FeatureCache
+from ..chat import ChatSession
 from ..config import VilaConfig
-from ..errors import CheckpointError, PromptTooLongError, UsageError, VilaError
-from ..media import Image, Video, load_image, prompt_part
-from ..preprocess import ImageBatch, frame_transform, preprocess_frames, preprocess_images
-from ..prompt import IMAGE_TOKEN, VIDEO_TOKEN, Template, build_user_text, get_template
-from ..streaming import TextStream, TokenClock
-from ..structured import json_logits_processor, parse_response_format
+from ..engine import GenerationResult
+from ..errors import PromptTooLongError, UsageError, VilaError
+from ..media import Video
+from ..preprocess import preprocess_frames
+from ..processor import (
+    MediaPlan,
+    PreparedPrompt,
+    Turn,
+    check_parts,
+    concat_image_batches,
+    continuation_ids,
+    media_placements,
+    plan_media,
+    render_prompt,
+    to_turns,
+)
+from ..prompt import Template, get_template
+from ..streaming import TextStream
 from ..tokenizer import infer_stop_token_ids, media_token_ids
 from .encoders import encode_images, encode_video, wrap
 from .projector import MultimodalProjector
@@ -40,94 +51,13 @@ _NO_LIMIT = 10**9
 VISION_CHUNK = 32  # tiles per vision-tower forward; bounds activation memory for long videos
 
 
-@dataclass
-class Turn:
-    """One message of a conversation: ``role`` is "user" or "assistant"; content is text and media parts."""
-
-    role: str
-    content: list[Any]
-
-
-@dataclass
-class PreparedPrompt:
-    """A request ready for the LLM."""
-
-    input_ids: torch.Tensor  # (L,)
-    inputs_embeds: torch.Tensor  # (L', D)
-    prompt_text: str
-    media_tokens: list[int]  # embedding positions per media item, prompt order
-    video_durations: list[float]
-    timings: dict[str, float] = field(default_factory=dict)
-
-
-@dataclass
-class GenerationResult:
-    """What one ``generate`` call produced."""
-
-    text: str
-    token_ids: list[int]
-    num_prompt_tokens: int  # LLM input positions (text + media embeddings)
-    media_tokens: list[int]
-    video_durations: list[float]
-    timings: dict[str, float]
-
-
-@dataclass
-class _ImageItem:
-    """One image of a prompt: its encoded blocks (a cache hit, or after encoding) or its decoded pixels."""
-
-    key: str | None
-    blocks: list[torch.Tensor] | None = None  # one wrapped block per <image> token it occupies
-    image: PIL.Image.Image | None = None
-
-
-@dataclass
-class _VideoItem:
-    key: str | None
-    block: torch.Tensor | None = None
-    duration: float = 0.0
-    frames: list[Any] | None = None  # decoded frames, until preprocessed
-
-
-@dataclass
-class _MediaPlan:
-    """The media of one conversation on their way from parts to embedding blocks."""
-
-    tiled: bool
-    images: list[_ImageItem] = field(default_factory=list)
-    videos: list[_VideoItem] = field(default_factory=list)
-    batch: ImageBatch | None = None  # the images still to encode, preprocessed
-    frame_pixels: list[torch.Tensor] = field(default_factory=list)  # the videos still to encode
-
-    def preprocess(self, cfg: VilaConfig) -> None:
-        missing = [item.image for item in self.images if item.blocks is None]
-        if missing and (self.tiled or len(missing) > 1 or cfg.image_aspect_ratio not in ("dynamic", "dynamic_s2")):
-            self.batch = preprocess_images(missing, cfg)
-        elif missing:  # one uncached image of a multi-image prompt: a single tile, like all images there
-            self.batch = ImageBatch(preprocess_frames(missing, cfg), (1,), None, (1,))
-        for item in self.videos:
-            if item.frames is not None:
-                self.frame_pixels.append(preprocess_frames(item.frames, cfg))
-                item.frames = None
-
-
-def _concat_image_batches(batches: Sequence[ImageBatch]) -> ImageBatch | None:
-    """Several prompts' images as one batch for the vision tower (their tiles are independent)."""
-    if len(batches) <= 1:
-        return batches[0] if batches else None
-    blocks = None
-    if any(b.block_sizes is not None for b in batches):
-        blocks = tuple(s for b in batches for s in (b.block_sizes or (None,) * len(b.tiles_per_image)))
-    return ImageBatch(
-        pixel_values=torch.cat([b.pixel_values for b in batches]),
-        tiles_per_image=tuple(n for b in batches for n in b.tiles_per_image),
-        block_sizes=blocks,
-        tokens_per_image=tuple(n for b in batches for n in b.tokens_per_image),
-    )
-
-
 class VilaModel(nn.Module):
     """A loaded VILA / NVILA checkpoint. Create it with :func:`vila.load`."""
+
+    # Keyword arguments of ``generate`` that are settings of the media path (``prepare_many`` takes them).
+    media_settings: tuple[str, ...] = ("num_video_frames", "fps", "video_max_tiles")
+    # Whether ``prepare_many`` takes ``cache=`` (False where media embeddings depend on the question, VILA-HD).
+    supports_feature_cache: bool = True
 
     def __init__(
         self,
@@ -289,12 +219,6 @@ class VilaModel(nn.Module):
                     results[i] = prepared
         return results
 
-    @property
-    def supports_feature_cache(self) -> bool:
-        """Whether :meth:`prepare` takes ``cache=`` (subclasses with their own media path, e.g. VILA-HD, do not)."""
-        cls = type(self)
-        return cls.prepare is VilaModel.prepare and cls._encode_media is VilaModel._encode_media
-
     def _plan_media(
         self,
         turns: Sequence[Turn],
@@ -302,102 +226,45 @@ class VilaModel(nn.Module):
         num_video_frames: int | None,
         fps: float | None,
         cache: FeatureCache | None,
-    ) -> _MediaPlan:
-        """Look every media item up in ``cache`` and decode the ones that miss."""
-        parts = [part for turn in turns for part in turn.content]
-        for part in parts:
-            if not isinstance(part, (str, Image, Video, PIL.Image.Image)):
-                raise UsageError(
-                    f"unsupported prompt part {type(part).__name__}; use str, vila.Image, vila.Video or a PIL image"
-                )
-        if all(isinstance(part, str) and not part.strip() for part in parts):
-            raise UsageError("the prompt is empty; give some text or at least one image or video")
+    ) -> MediaPlan:
+        """The processor's media plan, after refusing videos that cannot fit before any frame is decoded."""
+        parts = check_parts(turns)
         num_frames = num_video_frames or cfg.num_video_frames
         video_fps = cfg.fps if fps is None else fps
         self._check_video_positions(sum(isinstance(part, Video) for part in parts), cfg, num_frames, video_fps)
-        num_images = sum(isinstance(part, (Image, PIL.Image.Image)) for part in parts)
-        # The reference tiles an image only when it is the prompt's only one (`generate_content`, NVlabs/VILA
-        # `llava/model/llava_arch.py`); video frames never count as images here.
-        plan = _MediaPlan(tiled=num_images == 1 and cfg.image_aspect_ratio in ("dynamic", "dynamic_s2"))
+        # Cached embeddings are only valid for this model, dtype, device and media config.
         context = f"{id(self)}|{self.dtype}|{self.device}|{cfg!r}" if cache is not None else ""
-        for part in parts:
-            if isinstance(part, (Image, PIL.Image.Image)):
-                source = part.source if isinstance(part, Image) else part
-                key = None
-                if cache is not None:
-                    key = media_key("image-tiled" if plan.tiled else "image", content_digest(source), context)
-                blocks = cache.get(key) if cache is not None else None
-                plan.images.append(_ImageItem(key, blocks, None if blocks is not None else load_image(part)))
-            elif isinstance(part, Video):
-                key = None
-                if cache is not None:
-                    key = media_key(f"video:{num_frames}:{video_fps}", content_digest(part.source), context)
-                hit = cache.get(key) if cache is not None else None
-                if hit is not None:
-                    plan.videos.append(_VideoItem(key, block=hit[0], duration=hit[1]))
-                    continue
-                from ..video import load_video
+        return plan_media(parts, cfg, num_frames=num_frames, fps=video_fps, cache=cache, cache_context=context)
 
-                decoded = load_video(part, num_frames=num_frames, fps=video_fps, transform=frame_transform(cfg))
-                plan.videos.append(_VideoItem(key, duration=decoded.duration, frames=decoded.frames))
-        return plan
-
-    def _encode_plans(self, plans: Sequence[_MediaPlan], cache: FeatureCache | None) -> None:
+    def _encode_plans(self, plans: Sequence[MediaPlan], cache: FeatureCache | None) -> None:
         """One :meth:`_encode_media` call for the missing media of all ``plans``; results go back into them."""
         batches = [p.batch for p in plans if p.batch is not None]
         frames = [pixels for p in plans for pixels in p.frame_pixels]
-        image_blocks, video_blocks = self._encode_media(_concat_image_batches(batches), frames)
+        image_blocks, video_blocks = self._encode_media(concat_image_batches(batches), frames)
         images, videos = iter(image_blocks), iter(video_blocks)
         for plan in plans:
-            if plan.batch is not None:
-                missing = [item for item in plan.images if item.blocks is None]
-                for item, count in zip(missing, plan.batch.tokens_per_image):
-                    item.blocks = [next(images) for _ in range(count)]
-                    item.image = None
-                    if cache is not None:
-                        cache.put(item.key, item.blocks)
-                plan.batch = None
-            for item in (v for v in plan.videos if v.block is None):
-                item.block = next(videos)
-                if cache is not None:
-                    cache.put(item.key, (item.block, item.duration))
-            plan.frame_pixels = []
+            plan.fill(images, videos, cache)
 
     def _assemble(
-        self, turns: Sequence[Turn], plan: _MediaPlan, template: Template, timings: dict[str, float]
+        self, turns: Sequence[Turn], plan: MediaPlan, template: Template, timings: dict[str, float]
     ) -> PreparedPrompt:
-        """Render the conversation and splice the media blocks into its embeddings."""
-        image_blocks = [block for item in plan.images for block in item.blocks]
-        video_blocks = [item.block for item in plan.videos]
-        # In `dynamic` mode a single image becomes one "<image>\n" per tile.
-        image_token = IMAGE_TOKEN
-        if plan.images and len(plan.images[0].blocks) > 1:
-            image_token = (IMAGE_TOKEN + "\n") * len(plan.images[0].blocks)
-        messages = []
-        for turn in turns:
-            text = build_user_text(
-                turn.content,
-                is_text=lambda p: isinstance(p, str),
-                media_token=lambda p: VIDEO_TOKEN if isinstance(p, Video) else image_token,
-            )
-            messages.append((turn.role, text.strip()))
-        if not any(text for _, text in messages):
-            raise UsageError("the prompt is empty; give some text or at least one image or video")
-        prompt_text = template.render(messages + [("assistant", None)], self.tokenizer)
-        input_ids = torch.tensor(self.tokenizer(prompt_text).input_ids, dtype=torch.long)
+        """Render the conversation (the processor) and splice the media blocks into its embeddings."""
+        image_blocks, video_blocks = plan.image_blocks, plan.video_blocks
+        image_tokens = len(plan.images[0].blocks or ()) if plan.images else 1
+        prompt_text, ids = render_prompt(turns, template, self.tokenizer, image_tokens=image_tokens)
+        input_ids = torch.tensor(ids, dtype=torch.long)
         inputs_embeds = self._splice(input_ids, image_blocks, video_blocks)
-        media_tokens = [b.shape[0] for b in image_blocks] + [b.shape[0] for b in video_blocks]
         logger.debug(
             "visual tokens: %s per image, %s per video; %d prompt positions in all",
-            [sum(b.shape[0] for b in item.blocks) for item in plan.images],
-            [item.block.shape[0] for item in plan.videos],
+            [sum(b.shape[0] for b in item.blocks or ()) for item in plan.images],
+            [b.shape[0] for b in video_blocks],
             inputs_embeds.shape[0],
         )
         return PreparedPrompt(
             input_ids=input_ids,
             inputs_embeds=inputs_embeds,
             prompt_text=prompt_text,
-            media_tokens=media_tokens,
+            media_tokens=[b.shape[0] for b in image_blocks] + [b.shape[0] for b in video_blocks],
             video_durations=[item.duration for item in plan.videos],
             timings=dict(timings),
         )
@@ -427,9 +294,10 @@ class VilaModel(nn.Module):
     ) -> torch.Tensor:
         """Replace each media token by the next embedding block of its kind, as the reference's ``_embed``
         (NVlabs/VILA ``llava/model/llava_arch.py``) does."""
-        kind_of = {self.media_token_ids["image"]: "image", self.media_token_ids["video"]: "video"}
+        placements = media_placements(input_ids.tolist(), self.media_token_ids)
         queues = {"image": deque(image_blocks), "video": deque(video_blocks)}
-        is_media = torch.isin(input_ids, torch.tensor(list(kind_of)))
+        is_media = torch.zeros_like(input_ids, dtype=torch.bool)
+        is_media[[pos for pos, _ in placements]] = True
         rows = self.llm.get_input_embeddings().num_embeddings
         unknown = (input_ids >= rows) & ~is_media
         if unknown.any():
@@ -442,14 +310,13 @@ class VilaModel(nn.Module):
         with torch.no_grad():
             text = self.llm.get_input_embeddings()(safe_ids)
         pieces, start = [], 0
-        for pos in is_media.nonzero().flatten().tolist():
+        for pos, kind in placements:
             pieces.append(text[start:pos])
-            queue = queues[kind_of[int(input_ids[pos])]]
-            if not queue:
+            if not queues[kind]:
                 raise UsageError(
                     "the prompt has more media tokens than media; do not type <image> or <vila/video> in text"
                 )
-            pieces.append(queue.popleft().to(text.device, text.dtype))
+            pieces.append(queues[kind].popleft().to(text.device, text.dtype))
             start = pos + 1
         pieces.append(text[start:])
         for kind, queue in queues.items():
@@ -457,130 +324,75 @@ class VilaModel(nn.Module):
                 raise RuntimeError(f"not all {kind} embeddings were consumed")
         return torch.cat(pieces)
 
-    # -- generation ------------------------------------------------------------------------------------
-    def generation_config(
+    # -- logits ----------------------------------------------------------------------------------------
+    def forward(
         self,
-        *,
-        max_new_tokens: int | None,
-        do_sample: bool,
-        temperature: float | None,
-        top_p: float | None,
-        top_k: int | None,
-        prompt_len: int,
-        stop_token_ids: Sequence[int],
-    ) -> Any:
-        """A fully specified ``GenerationConfig``: the reference's defaults (greedy, stop tokens, pad = pad or
-        eos), never back-filled from ``llm/generation_config.json``: the reference builds its model without
-        reading that file, while transformers >= 4.50 would fill unset values (sampling) from it."""
-        from transformers import GenerationConfig
+        input_ids: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> torch.Tensor:
+        """The LLM's logits ``(batch, positions, vocab)`` for token ids or for input embeddings (e.g. a
+        :class:`PreparedPrompt`'s ``inputs_embeds[None]``, media spliced in). ``kwargs`` go to the LLM."""
+        if (input_ids is None) == (inputs_embeds is None):
+            raise UsageError("pass exactly one of input_ids and inputs_embeds")
+        device = self._embed_device
+        return self.llm(
+            input_ids=None if input_ids is None else input_ids.to(device),
+            inputs_embeds=None if inputs_embeds is None else inputs_embeds.to(device),
+            attention_mask=None if attention_mask is None else attention_mask.to(device),
+            **kwargs,
+        ).logits
 
-        tok = self.tokenizer
-        # The reference's max_length = model_max_length counts the prompt too.
-        max_new_tokens = cap_new_tokens(max_new_tokens, self.context_length, prompt_len)
-        return GenerationConfig(
-            max_new_tokens=max_new_tokens,
-            do_sample=do_sample,
-            num_beams=1,
-            temperature=temperature if do_sample else 1.0,
-            top_p=top_p if do_sample else 1.0,
-            top_k=top_k if do_sample else 50,
-            repetition_penalty=1.0,
-            eos_token_id=list(stop_token_ids),
-            pad_token_id=tok.pad_token_id or tok.eos_token_id,
-            bos_token_id=tok.bos_token_id or tok.eos_token_id,
-        )
+    def score(
+        self, prompt: Any, continuations: Sequence[str], *, template: Template | None = None, **media: Any
+    ) -> list[float]:
+        """The log-likelihood (natural log, summed over tokens) of each continuation as the answer to ``prompt``.
 
-    def generate(
-        self,
-        prompt: Any,
-        *,
-        max_new_tokens: int | None = None,
-        do_sample: bool = False,
-        temperature: float | None = None,
-        top_p: float | None = None,
-        top_k: int | None = None,
-        seed: int | None = None,
-        generation_config: Any = None,
-        conv_mode: str | None = None,
-        num_video_frames: int | None = None,
-        fps: float | None = None,
-        video_max_tiles: int | None = None,
-        decode_time_tokens: bool = False,
-        streamer: Any = None,
-        logits_processor: Any = None,
-        response_format: Any = None,
-        cache: FeatureCache | None = None,
-        stopping_criteria: Any = None,
-        template: Template | None = None,
-    ) -> GenerationResult:
-        """Like :meth:`generate_content`, returning token ids, counts and timings as well.
+        The prompt is rendered as generation sees it (the assistant turn opened) and its media are encoded once;
+        all continuations go through the LLM in one batched forward. A continuation's tokens are those
+        evaluation harnesses take (lm-evaluation-harness's ``_encode_pair``): ``tok(prompt_text + c)`` minus the
+        first ``len(tok(prompt_text))`` ids, so the prompt keeps generation's own ids. Log-probabilities are over
+        the ids generation can emit (``len(tokenizer)``). ``media``: the settings of :attr:`media_settings`.
+        """
+        if isinstance(continuations, str) or not continuations:
+            raise UsageError("continuations must be a non-empty list of strings")
+        prepared = self.prepare(to_turns(prompt), template=template, **media)
+        conts = [continuation_ids(self.tokenizer, prepared.prompt_text, c) for c in continuations]
+        n, longest = prepared.inputs_embeds.shape[0], max(len(c) for c in conts)
+        context = prepared.context_length or self.context_length
+        if n + longest > context:
+            raise PromptTooLongError(
+                f"the prompt and the longest continuation need {n + longest} positions but the model's context is "
+                f"{context}; shorten the prompt or the continuations"
+            )
+        if longest == 0:
+            return [0.0] * len(conts)
+        device = self._embed_device
+        # Right padding: under causal attention a real position never sees the pads after it.
+        ids = torch.zeros(len(conts), longest, dtype=torch.long, device=device)
+        mask = torch.zeros(len(conts), n + longest, dtype=torch.long, device=device)
+        for i, c in enumerate(conts):
+            ids[i, : len(c)] = torch.tensor(c, dtype=torch.long)
+            mask[i, : n + len(c)] = 1
+        with torch.no_grad():
+            tail = self.llm.get_input_embeddings()(ids)
+            head = prepared.inputs_embeds.to(device, tail.dtype)[None].expand(len(conts), -1, -1)
+            logits = self.forward(inputs_embeds=torch.cat([head, tail], dim=1), attention_mask=mask)
+            # Position n - 1 + k predicts continuation token k.
+            logprobs = logits[:, n - 1 : n - 1 + longest, : self.num_generatable].float().log_softmax(-1)
+            picked = logprobs.gather(-1, ids[..., None].clamp(max=self.num_generatable - 1))[..., 0]
+        return [float(picked[i, : len(c)].sum()) for i, c in enumerate(conts)]
+
+    # -- generation (the engine, vila/engine.py) ------------------------------------------------------------
+    def generate(self, prompt: Any, **settings: Any) -> GenerationResult:
+        """Like :meth:`generate_content`, returning token ids, counts, timings and the finish reason as well.
 
         ``template`` (a :class:`vila.prompt.Template`, e.g. the model's with another system prompt) wins over
-        ``conv_mode``."""
-        t_start = time.perf_counter()
-        validate_generation_args(max_new_tokens, temperature, top_p, top_k, num_video_frames, fps)
-        if video_max_tiles is not None and (not isinstance(video_max_tiles, int) or video_max_tiles < 1):
-            raise UsageError(f"video_max_tiles must be a positive integer, got {video_max_tiles!r}")
-        json_format = parse_response_format(response_format)  # fail before any media work
-        if temperature is not None and temperature == 0:
-            do_sample = False
-        custom = template is not None or bool(conv_mode)
-        template = template or (get_template(conv_mode) if conv_mode else self.template)
-        stop_ids = infer_stop_token_ids(self.tokenizer, template) if custom else self.stop_token_ids
-        turns = to_turns(prompt)
-        extra = {"cache": cache} if cache is not None and self.supports_feature_cache else {}
-        prepared = self.prepare(
-            turns,
-            template=template,
-            num_video_frames=num_video_frames,
-            fps=fps,
-            video_max_tiles=video_max_tiles,
-            **extra,
-        )
-        n = prepared.inputs_embeds.shape[0]
-        self.check_fits(prepared)
-        if generation_config is None:
-            generation_config = self.generation_config(
-                max_new_tokens=max_new_tokens,
-                do_sample=do_sample,
-                temperature=1.0 if temperature is None else temperature,
-                top_p=1.0 if top_p is None else top_p,
-                top_k=50 if top_k is None else top_k,
-                prompt_len=n,
-                stop_token_ids=stop_ids,
-            )
-        processors = self._logits_processors(logits_processor)
-        if json_format is not None:
-            budget = generation_config.max_new_tokens or (generation_config.max_length - n)
-            processors.append(json_logits_processor(self, json_format, [budget], stop_ids))
-        if seed is not None:
-            torch.manual_seed(seed)
-
-        clock = TokenClock(streamer)
-        t0 = time.perf_counter()
-        embeds = prepared.inputs_embeds[None].to(self._embed_device)
-        with torch.no_grad():
-            out = self.llm.generate(
-                inputs_embeds=embeds,
-                attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device),
-                generation_config=generation_config,
-                logits_processor=processors,
-                stopping_criteria=stopping_criteria,
-                streamer=clock,
-            )
-        timings = dict(prepared.timings, generate_s=time.perf_counter() - t0, **clock.timings(t_start, t0))
-        ids = out[0].tolist()
-        text = self.tokenizer.decode(ids, skip_special_tokens=True).strip()
-        if decode_time_tokens:
-            text = self.decode_time_tokens(text, prepared.video_durations)
-        return GenerationResult(
-            text=text,
-            token_ids=ids,
-            num_prompt_tokens=n,
-            media_tokens=prepared.media_tokens,
-            video_durations=prepared.video_durations,
-            timings=timings,
-        )
+        ``conv_mode``; ``streamer``, ``logits_processor`` and ``stopping_criteria`` take transformers-style
+        objects (criteria see the new tokens only, and ``scores=None``). Further media settings of this model
+        are its :attr:`media_settings` (e.g. VILA-HD's)."""
+        return engine.generate(self, prompt, **settings)
 
     def _check_video_positions(self, num_videos: int, cfg: VilaConfig, num_frames: int, fps: float) -> None:
         """Raise :class:`PromptTooLongError` before any frame is decoded when the videos alone outgrow the context.
@@ -626,16 +438,6 @@ class VilaModel(nn.Module):
             logger.debug("video positions not traced: %s", e)
             return None
 
-    def check_fits(self, prepared: PreparedPrompt) -> None:
-        """Raise :class:`PromptTooLongError` when the prompt leaves no room for an answer."""
-        n = prepared.inputs_embeds.shape[0]
-        if n >= self.context_length:
-            media = ", ".join(str(m) for m in prepared.media_tokens) or "none"
-            raise PromptTooLongError(
-                f"the prompt needs {n} positions (media: {media}) but the model's context is {self.context_length}; "
-                "use fewer or smaller images, fewer video frames (num_video_frames / --num-video-frames) or a lower fps"
-            )
-
     def stream_content(self, prompt: Any, **kwargs: Any) -> TextStream:
         """Like :meth:`generate_content`, but an iterator over pieces of the answer as they are generated.
 
@@ -644,19 +446,13 @@ class VilaModel(nn.Module):
         characters. Generation runs at most one token ahead of the reader; leaving the loop early (or
         ``close()``, or dropping the stream) stops it within one token.
         """
-        if kwargs.get("streamer") is not None:
-            raise UsageError("stream_content makes its own streamer; call generate(streamer=...) to use yours")
-        if kwargs.get("decode_time_tokens"):
-            raise UsageError("time tokens cannot be rewritten while streaming; call generate_content for video answers")
-        return TextStream(self, prompt, kwargs)
+        return engine.stream_content(self, prompt, **kwargs)
 
     def chat(self, **kwargs: Any) -> Any:
         """A multi-turn :class:`vila.chat.ChatSession` with this model (history, media cache, streaming).
 
         Keyword arguments are generation settings used for every turn (``max_new_tokens``, ``temperature``, ...).
         """
-        from ..chat import ChatSession
-
         return ChatSession(self, **kwargs)
 
     def decode_time_tokens(self, text: str, video_durations: Sequence[float]) -> str:
@@ -690,148 +486,3 @@ class VilaModel(nn.Module):
         See also :meth:`stream_content` and :meth:`chat`.
         """
         return self.generate(prompt, **kwargs).text
-
-    def _logits_processors(self, extra: Any) -> Any:
-        from transformers import LogitsProcessorList
-
-        processors = LogitsProcessorList(list(extra or []))
-        vocab = self.llm.get_output_embeddings().weight.shape[0]
-        if self.num_generatable < vocab:
-            processors.append(_MaskTail(self.num_generatable))
-        return processors
-
-
-class _MaskTail:
-    """Never emit ids at or beyond ``len(tokenizer)``: the reference's ``resize_token_embeddings`` cut those
-    LM-head rows off, so a padded vocabulary can never produce them."""
-
-    def __init__(self, limit: int):
-        self.limit = limit
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        scores[:, self.limit :] = -float("inf")
-        return scores
-
-
-def to_turns(prompt: Any) -> list[Turn]:
-    """Normalise a prompt (str, one part, a list of parts, or a list of role/content dicts) to turns."""
-    if isinstance(prompt, (str, Image, Video, PIL.Image.Image, os.PathLike)):
-        return [Turn("user", [prompt_part(prompt)])]
-    if isinstance(prompt, Sequence) and prompt and all(isinstance(t, dict) for t in prompt):
-        turns = []
-        for t in prompt:
-            role = {"human": "user", "gpt": "assistant"}.get(t.get("role"), t.get("role"))
-            if role not in ("user", "assistant"):
-                raise UsageError(f"a turn's role must be 'user' or 'assistant', got {t.get('role')!r}")
-            content = t.get("content", "")
-            parts = content if isinstance(content, (list, tuple)) else [content]
-            turns.append(Turn(role, [prompt_part(p) for p in parts]))
-        if turns[-1].role != "user":
-            raise UsageError("the last turn of a conversation must be the user's")
-        return turns
-    if isinstance(prompt, Sequence):
-        return [Turn("user", [prompt_part(p) for p in prompt])]
-    raise UsageError(f"unsupported prompt type {type(prompt).__name__}; pass a string or a list of parts")
-
-
-def cap_new_tokens(max_new_tokens: int | None, context_length: int, prompt_len: int) -> int:
-    """``max_new_tokens``, or what the context leaves after the prompt when that is less (None: all of it).
-    Past the context the model is outside the positions it was trained on and the answer is noise, so a larger
-    request is capped, with a warning (worded the same for every prompt, so it is shown once)."""
-    room = context_length - prompt_len
-    if max_new_tokens is None:
-        return room
-    if max_new_tokens > room:
-        warnings.warn(
-            f"max_new_tokens={max_new_tokens} is more than the model's context ({context_length} positions, "
-            "prompt included) has room for; the answer stops when the context is full",
-            stacklevel=2,
-        )
-        return room
-    return max_new_tokens
-
-
-def validate_generation_args(
-    max_new_tokens: int | None,
-    temperature: float | None,
-    top_p: float | None,
-    top_k: int | None,
-    num_video_frames: int | None,
-    fps: float | None,
-) -> None:
-    if max_new_tokens is not None and (not isinstance(max_new_tokens, int) or max_new_tokens < 1):
-        raise UsageError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
-    if temperature is not None and not (0 <= temperature <= 100):
-        raise UsageError(f"temperature must be between 0 and 100 (0 = greedy), got {temperature!r}")
-    if top_p is not None and not (0 < top_p <= 1):
-        raise UsageError(f"top_p must be in (0, 1], got {top_p!r}")
-    if top_k is not None and (not isinstance(top_k, int) or top_k < 0):
-        raise UsageError(f"top_k must be a non-negative integer, got {top_k!r}")
-    if num_video_frames is not None and (not isinstance(num_video_frames, int) or num_video_frames < 1):
-        raise UsageError(f"num_video_frames must be a positive integer, got {num_video_frames!r}")
-    if fps is not None and not fps >= 0:
-        raise UsageError(f"fps must be >= 0 (0 = uniform sampling), got {fps!r}")
-
-
-# -- loading -------------------------------------------------------------------------------------------
-
-
-def load_projector(
-    cfg: VilaConfig, folder: Path | None, dtype: torch.dtype, device: torch.device
-) -> MultimodalProjector:
-    """Built on the meta device, weights assigned straight from safetensors (no random init)."""
-    with torch.device("meta"):
-        projector = MultimodalProjector(cfg.projector_type, cfg.vision.mm_hidden_size, cfg.llm_hidden_size)
-    if folder is None:
-        return projector
-    hint = (
-        f" (type {cfg.projector_type!r}, mm_hidden_size {cfg.vision.mm_hidden_size}, LLM hidden {cfg.llm_hidden_size})"
-    )
-    return assign_weights(projector, folder, dtype=dtype, device=device, what="projector", hint=hint)
-
-
-def load_llm(cfg: VilaConfig, dtype: torch.dtype, device_map: Any, extra: dict[str, Any] | None = None) -> nn.Module:
-    """The LLM through transformers: built on the meta device (no random init), weights read straight into
-    place, converted one tensor at a time (peak RSS ~ the weights, see ``open_safetensors``)."""
-    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING, AutoConfig, AutoModelForCausalLM, GenerationConfig
-
-    from ..checkpoint import close_all, open_safetensors
-
-    # One device, nothing extra: read tensors on demand instead of through transformers' mmap (peak RSS).
-    single = isinstance(device_map, dict) and set(device_map) == {""} and not extra
-    lazy = open_safetensors(cfg.llm_dir) if single else None
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            if lazy is not None:
-                config = AutoConfig.from_pretrained(cfg.llm_dir)
-                llm = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)].from_pretrained(
-                    None,
-                    config=config,
-                    state_dict=lazy[0],
-                    dtype=dtype,
-                    device_map=device_map,
-                    attn_implementation="sdpa",
-                )
-                if (cfg.llm_dir / "generation_config.json").exists():
-                    llm.generation_config = GenerationConfig.from_pretrained(cfg.llm_dir)
-            else:
-                llm = AutoModelForCausalLM.from_pretrained(
-                    cfg.llm_dir, dtype=dtype, device_map=device_map, attn_implementation="sdpa", **(extra or {})
-                )
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"cannot load the language model from {cfg.llm_dir}: {e}") from e
-    finally:
-        if lazy is not None:
-            close_all(lazy[1])
-    # Never let llm/generation_config.json (e.g. Qwen2.5-Instruct's sampling defaults) leak into decoding.
-    g = llm.generation_config
-    llm.generation_config = GenerationConfig(
-        bos_token_id=g.bos_token_id, eos_token_id=g.eos_token_id, pad_token_id=g.pad_token_id
-    )
-    return llm.eval()
-
-
-def iter_parts(turns: Sequence[Turn]) -> Iterator[Any]:
-    for turn in turns:
-        yield from turn.content

@@ -11,8 +11,9 @@ Per request, on top of :class:`~vila.model.vila.VilaModel`:
 3. PS3 selects high-res patches for that prompt and encodes them (``num_look_close`` passes); each image
    becomes ``[low-res tokens, selected high-res tokens, "\\n"]`` and generation proceeds as usual.
 
-The five selection settings are keyword arguments of :meth:`VilaHDModel.generate` / ``generate_content``
-(``vila-infer`` flags, or the reference's environment variables).
+The five selection settings are keyword arguments of ``generate`` / ``generate_content`` / ``prepare_many``
+(``vila-infer`` flags, or the reference's environment variables). They travel with the request: nothing about a
+request is stored on the model, so two threads may use one model with different settings.
 """
 
 from __future__ import annotations
@@ -20,8 +21,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
-from pathlib import Path
+from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
@@ -31,15 +31,18 @@ from torch import nn
 from ..checkpoint import assign_weights, stored_keys
 from ..config import TopDownConfig, VilaConfig
 from ..errors import UnsupportedModelError, UsageError, VilaError
+from ..families import ps3_projectors
+from ..media import Video
+from ..processor import PreparedPrompt, Turn, iter_parts
 from ..prompt import Template
 from .encoders import wrap
 from .projector import DownSample, MultimodalProjector
-from .ps3 import LookClose, LowRes, Mlp, PS3Config, PS3Tower, plan_passes
-from .vila import PreparedPrompt, Turn, VilaModel
+from .ps3 import LookClose, Mlp, PS3Config, PS3Tower, plan_passes
+from .vila import VilaModel
 
 LOOK_CLOSE_MODES = ("after_prompt", "after_image")
 # Projector types VILA-HD can combine with PS3 (the reference's encode_images_ps3 branches).
-PS3_PROJECTORS = ("mlp_downsample", "mlp_downsample_2x2_fix", "mlp_downsample_3x3_fix", "linear", "identity")
+PS3_PROJECTORS = ps3_projectors()
 _SETTINGS = (
     "num_look_close",
     "num_token_look_close",
@@ -76,7 +79,7 @@ class LookCloseSettings:
 
 @dataclass
 class LookCloseInfo:
-    """What the last request selected, for inspection (``model.last_look_close``)."""
+    """What one request selected, for inspection (``model.prepare(...).look_close``)."""
 
     settings: LookCloseSettings
     top_down_position: int | None  # index in input_ids of the token whose hidden state made the prompt
@@ -86,6 +89,13 @@ class LookCloseInfo:
     probs: list[torch.Tensor]  # per high-res scale (images, fh, fw)
     selected: list[list[torch.Tensor]]  # per image, per high-res scale: selected flat cell indices, ascending
     tokens: list[tuple[int, list[int]]]  # per image: (low-res LLM tokens, high-res LLM tokens per scale)
+
+
+@dataclass
+class LookClosePrompt(PreparedPrompt):
+    """A VILA-HD request ready for the LLM, with what its look-close selected."""
+
+    look_close: LookCloseInfo | None = None
 
 
 class TopDownProjector(MultimodalProjector):
@@ -128,6 +138,9 @@ class VilaHDModel(VilaModel):
 
     vision_tower: PS3Tower
     mm_projector: TopDownProjector
+    media_settings = (*VilaModel.media_settings, *_SETTINGS)
+    # The selected patches, hence the image embeddings, depend on the question.
+    supports_feature_cache = False
 
     def __init__(
         self,
@@ -141,9 +154,6 @@ class VilaHDModel(VilaModel):
         super().__init__(config, tokenizer, llm, vision_tower, mm_projector, conv_mode)
         assert config.top_down is not None
         self.top_down = config.top_down
-        self._request: LookCloseSettings | None = None  # settings of the request being served
-        self._pending: tuple[torch.Tensor, LowRes] | None = None  # pixels + low-res pass, prepare() -> _look_close()
-        self.last_look_close: LookCloseInfo | None = None
 
     # -- settings --------------------------------------------------------------------------------------
     def look_close_settings(
@@ -207,40 +217,7 @@ class VilaHDModel(VilaModel):
             min_context=context_floor(num_look_close, num_token_look_close),
         )
 
-    @property
-    def context_length(self) -> int:
-        """As :class:`VilaModel`, raised like the reference CLI does when ``num_look_close`` /
-        ``num_token_look_close`` are passed (``configure_ps3_and_context_length``, NVlabs/VILA
-        ``llava/cli/infer.py``)."""
-        n = super().context_length
-        return max(n, self._request.min_context) if self._request is not None else n
-
     # -- API -------------------------------------------------------------------------------------------
-    def generate(
-        self,
-        prompt: Any,
-        *,
-        num_look_close: int | None = None,
-        num_token_look_close: int | None = None,
-        select_num_each_scale: Sequence[int] | None = None,
-        look_close_mode: str | None = None,
-        smooth_selection_prob: bool | None = None,
-        **kwargs: Any,
-    ) -> Any:
-        """:meth:`VilaModel.generate` with the VILA-HD settings (see :meth:`generate_content`)."""
-        settings = self.look_close_settings(
-            num_look_close=num_look_close,
-            num_token_look_close=num_token_look_close,
-            select_num_each_scale=select_num_each_scale,
-            look_close_mode=look_close_mode,
-            smooth_selection_prob=smooth_selection_prob,
-        )
-        self._request = settings
-        try:
-            return super().generate(prompt, **kwargs)
-        finally:
-            self._request = None
-
     def generate_content(self, prompt: Any, **kwargs: Any) -> str:
         """Answer a prompt with at least one image (see :meth:`VilaModel.generate_content`). VILA-HD settings,
         each defaulting to the checkpoint's:
@@ -254,8 +231,9 @@ class VilaHDModel(VilaModel):
         return self.generate(prompt, **kwargs).text
 
     # -- prompt ----------------------------------------------------------------------------------------
-    def prepare(self, turns: Sequence[Turn], **kwargs: Any) -> PreparedPrompt:
-        """:meth:`VilaModel.prepare` with the VILA-HD steps; takes the settings of :meth:`generate` too."""
+    def prepare(self, turns: Sequence[Turn], **kwargs: Any) -> LookClosePrompt:
+        """:meth:`VilaModel.prepare` with the VILA-HD steps; takes the settings of :meth:`generate_content` too.
+        The result's ``look_close`` says what was selected."""
         (result,) = self.prepare_many([turns], **kwargs)
         return result
 
@@ -264,14 +242,27 @@ class VilaHDModel(VilaModel):
         conversations: Sequence[Sequence[Turn]],
         *,
         template: Template | None = None,
+        num_video_frames: int | None = None,
+        fps: float | None = None,
+        video_max_tiles: int | None = None,
         cache: Any = None,
         return_errors: bool = False,
-        **kwargs: Any,
+        num_look_close: int | None = None,
+        num_token_look_close: int | None = None,
+        select_num_each_scale: Sequence[int] | None = None,
+        look_close_mode: str | None = None,
+        smooth_selection_prob: bool | None = None,
     ) -> list[Any]:
-        """One conversation at a time (the top-down prompt depends on each one's text). ``kwargs``: the base
-        options (``num_video_frames``, ...) and the VILA-HD settings of :meth:`generate`."""
-        settings = {k: kwargs.pop(k) for k in _SETTINGS if k in kwargs}
-        request = self._request or self.look_close_settings(**settings)
+        """One conversation at a time (the top-down prompt depends on each one's text), with the VILA-HD
+        settings of :meth:`generate_content`. ``num_video_frames``, ``fps`` and ``video_max_tiles`` are accepted
+        for a uniform call but unused: a video is refused."""
+        settings = self.look_close_settings(
+            num_look_close=num_look_close,
+            num_token_look_close=num_token_look_close,
+            select_num_each_scale=select_num_each_scale,
+            look_close_mode=look_close_mode,
+            smooth_selection_prob=smooth_selection_prob,
+        )
         if cache is not None:
             raise UsageError(
                 "VILA-HD checkpoints cannot use a feature cache (the selected patches depend on the question)"
@@ -279,90 +270,86 @@ class VilaHDModel(VilaModel):
         results: list[Any] = []
         for turns in conversations:
             try:
-                results.append(self._prepare_one(turns, template or self.template, request, kwargs))
+                results.append(self._prepare_one(turns, template or self.template, settings))
             except VilaError as e:
                 if not return_errors:
                     raise
                 results.append(e)
         return results
 
-    def _prepare_one(
-        self, turns: Sequence[Turn], template: Template, request: LookCloseSettings, options: dict[str, Any]
-    ) -> PreparedPrompt:
-        """The base preparation with low-res image embeddings, then the top-down prompt pass and the high-res
-        look-close, whose embeddings replace the low-res ones (the reference's ``generate`` of
-        ``LlavaTopDownMetaForCausalLM``)."""
-        self._pending = None
-        try:
-            (low_prompt,) = VilaModel.prepare_many(self, [turns], template=template, **options)
-            assert self._pending is not None
-            pixels, low = self._pending
-        finally:
-            self._pending = None
-        timings = dict(low_prompt.timings)
-        with torch.no_grad():
-            t0 = time.perf_counter()
-            prompt, position, positions = None, None, None
-            if request.look_close_mode == "after_prompt":
-                prompt, position, positions = self._top_down_prompt(low_prompt, template)
-            timings["top_down_s"] = time.perf_counter() - t0
-
-            t0 = time.perf_counter()
-            tower = self.vision_tower
-            prompts = None if prompt is None else prompt[None].expand(pixels.shape[0], -1)
-            probs = tower.selection_probs(pixels, low, prompts, request.smooth_selection_prob)
-            plan = plan_passes(
-                tower.total_cells(*pixels.shape[-2:]),
-                request.select_num_each_scale,
-                request.num_look_close,
-                request.num_token_look_close,
-            )
-            look = tower.look_close(pixels, low, probs, request.select_num_each_scale, plan)
-            feats, tokens = embed_images(self.mm_projector, tower.low_res_features(low), look)
-            timings["look_close_s"] = time.perf_counter() - t0
-        start = self.embed_text(self.config.image_encoder.start_tokens)
-        end = self.embed_text(self.config.image_encoder.end_tokens)
-        blocks = [wrap(f, start, end) for f in feats]
-        self.last_look_close = LookCloseInfo(
-            settings=request,
-            top_down_position=position,
-            prompt_pass_positions=positions,
-            prompt=prompt,
-            num_passes=len(plan),
-            probs=probs,
-            selected=[[m[i].flatten().nonzero().flatten() for m in look.maps] for i in range(pixels.shape[0])],
-            tokens=tokens,
-        )
-        return replace(
-            low_prompt,
-            inputs_embeds=self._splice(low_prompt.input_ids, blocks, []),
-            media_tokens=[b.shape[0] for b in blocks],
-            timings=timings,
-        )
-
-    def _encode_media(
-        self, batch: Any, frame_pixels: list[torch.Tensor]
-    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """Low-res pass only: the reference embeds the prompt with low-res image tokens alone for the top-down
-        prompt pass."""
-        if frame_pixels:
+    def _prepare_one(self, turns: Sequence[Turn], template: Template, settings: LookCloseSettings) -> LookClosePrompt:
+        """The prompt with low-res image embeddings, then the top-down prompt pass and the high-res look-close,
+        whose embeddings replace the low-res ones (the reference's ``generate`` of ``LlavaTopDownMetaForCausalLM``)."""
+        if any(isinstance(part, Video) for part in iter_parts(turns)):
             raise UsageError(
                 "VILA-HD checkpoints answer about images only; pass frames as vila.Image parts instead of a video"
             )
-        if batch is None:
+        cfg, timings = self.config, {}
+        t0 = time.perf_counter()
+        plan = self._plan_media(turns, cfg, None, None, None)
+        timings["media_decode_s"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        plan.preprocess(cfg)
+        timings["preprocess_s"] = time.perf_counter() - t0
+        if plan.batch is None:
             # The reference treats the empty media dict as media and fails with an AssertionError.
             raise UsageError(
                 "VILA-HD checkpoints need at least one image in the prompt; add an image (vila.Image / --media)"
             )
-        pixels = batch.pixel_values.to(self.device, self.dtype)
-        low = self.vision_tower.low_res(pixels)
-        self._pending = (pixels, low)
-        feats, _ = embed_images(self.mm_projector, self.vision_tower.low_res_features(low), None)
-        start, end = (
-            self.embed_text(self.config.image_encoder.start_tokens),
-            self.embed_text(self.config.image_encoder.end_tokens),
+        t0 = time.perf_counter()
+        tower = self.vision_tower
+        start = self.embed_text(cfg.image_encoder.start_tokens)
+        end = self.embed_text(cfg.image_encoder.end_tokens)
+        with torch.no_grad():
+            pixels = plan.batch.pixel_values.to(self.device, self.dtype)
+            # The reference embeds the prompt with low-res image tokens alone for the top-down prompt pass.
+            low = tower.low_res(pixels)
+            low_feats, _ = embed_images(self.mm_projector, tower.low_res_features(low), None)
+        plan.fill(iter([wrap(f, start, end) for f in low_feats]), iter(()), None)
+        timings["vision_encode_s"] = time.perf_counter() - t0
+        low_prompt = self._assemble(turns, plan, template, timings)
+
+        with torch.no_grad():
+            t0 = time.perf_counter()
+            prompt, position, positions = None, None, None
+            if settings.look_close_mode == "after_prompt":
+                prompt, position, positions = self._top_down_prompt(low_prompt, template)
+            timings["top_down_s"] = time.perf_counter() - t0
+
+            t0 = time.perf_counter()
+            prompts = None if prompt is None else prompt[None].expand(pixels.shape[0], -1)
+            probs = tower.selection_probs(pixels, low, prompts, settings.smooth_selection_prob)
+            passes = plan_passes(
+                tower.total_cells(*pixels.shape[-2:]),
+                settings.select_num_each_scale,
+                settings.num_look_close,
+                settings.num_token_look_close,
+            )
+            look = tower.look_close(pixels, low, probs, settings.select_num_each_scale, passes)
+            feats, tokens = embed_images(self.mm_projector, tower.low_res_features(low), look)
+            timings["look_close_s"] = time.perf_counter() - t0
+        blocks = [wrap(f, start, end) for f in feats]
+        info = LookCloseInfo(
+            settings=settings,
+            top_down_position=position,
+            prompt_pass_positions=positions,
+            prompt=prompt,
+            num_passes=len(passes),
+            probs=probs,
+            selected=[[m[i].flatten().nonzero().flatten() for m in look.maps] for i in range(pixels.shape[0])],
+            tokens=tokens,
         )
-        return [wrap(f, start, end) for f in feats], []
+        base = {f.name: getattr(low_prompt, f.name) for f in fields(PreparedPrompt)}
+        return LookClosePrompt(
+            **base
+            | {
+                "inputs_embeds": self._splice(low_prompt.input_ids, blocks, []),
+                "media_tokens": [b.shape[0] for b in blocks],
+                "timings": timings,
+                "context_length": max(self.context_length, settings.min_context),
+            },
+            look_close=info,
+        )
 
     def top_down_position(self, input_ids: torch.Tensor, template: Template | None = None) -> int:
         """Index of the last token of the user turn: just before the template's text that closes a user turn
@@ -469,8 +456,8 @@ def load_topdown_projector(
         raise UnsupportedModelError(
             f"mm_projector_type {cfg.projector_type!r} cannot be used with PS3; supported: {', '.join(PS3_PROJECTORS)}"
         )
-    folder = Path(cfg.projector_dir)
-    with_head = any(k.startswith("top_down_prompt_head.") for k in stored_keys(folder))
+    source = cfg.projector_source
+    with_head = any(k.startswith("top_down_prompt_head.") for k in stored_keys(source))
     with torch.device("meta"):
         projector = TopDownProjector(
             cfg.projector_type,
@@ -482,7 +469,7 @@ def load_topdown_projector(
             with_head,
         )
     hint = f" (type {cfg.projector_type!r}, high_res_pos_embed {cfg.top_down.high_res_pos_embed})"
-    return assign_weights(projector, folder, dtype=dtype, device=device, what="VILA-HD projector", hint=hint)
+    return assign_weights(projector, source, dtype=dtype, device=device, what="VILA-HD projector", hint=hint)
 
 
 def load_vila_hd(
@@ -497,6 +484,6 @@ def load_vila_hd(
         # 'patch' drops token 0, which for PS3 is a real low-res token: PS3 has no class token
         raise UnsupportedModelError("config.json: PS3 checkpoints need mm_vision_select_feature 'cls_patch'")
     ps3 = PS3Config.from_dict(cfg.vision.raw)
-    tower = PS3Tower.build(ps3, cfg.vision_dir, dtype, device, select_layer=cfg.vision.select_layer)
+    tower = PS3Tower.build(ps3, cfg.vision_source, dtype, device, select_layer=cfg.vision.select_layer)
     projector = load_topdown_projector(cfg, ps3, dtype, device)
     return VilaHDModel(cfg, tokenizer, llm, tower, projector, conv_mode)

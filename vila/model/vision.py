@@ -1,130 +1,34 @@
-"""Vision towers and the S2 / Dynamic-S2 multi-scale feature maps (NVlabs/VILA
-``llava/model/multimodal_encoder/``, ``merge_features_for_dynamic_s2`` in ``llava/model/llava_arch.py``, and
-``s2wrapper`` from bfshi/scaling_on_scales).
+"""Running a vision tower, and the S2 / Dynamic-S2 multi-scale feature maps built from any tower's features
+(``merge_features_for_dynamic_s2`` in NVlabs/VILA ``llava/model/llava_arch.py``, and ``s2wrapper`` from
+bfshi/scaling_on_scales).
 
-A tower maps pixels ``(B, 3, s, s)`` to the features the projector expects, ``(B, N, C)``: the hidden state
-after ``mm_vision_select_layer`` layers, with the CLS token dropped for ``"patch"``. Only the layers that
-are needed are kept (the released configs select layer -2, so the last layer, the post-LayerNorm and the
-pooling head are never run).
+A tower (one per family, :mod:`vila.families`) maps pixels ``(B, 3, s, s)`` to the features the projector
+expects, ``(B, N, C)``: the hidden state after ``mm_vision_select_layer`` layers, with the CLS token dropped for
+``"patch"``. Only the layers that are needed are kept (the released configs select layer -2, so the last layer,
+the post-LayerNorm and the pooling head are never run).
 """
 
 from __future__ import annotations
 
 import math
 import sys
-from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..config import VisionConfig
-from ..errors import CheckpointError, UnsupportedModelError
+from ..families import tower_family
 
 BlockSize = tuple[int, int]  # (rows, cols)
 PROGRESS_MIN_CHUNKS = 4
 
 
-class SiglipTower(nn.Module):
-    """SigLIP from transformers' ``SiglipVisionModel``, truncated to the selected layer."""
-
-    def __init__(self, embeddings: nn.Module, layers: nn.ModuleList, select_feature: str):
-        super().__init__()
-        self.embeddings = embeddings
-        self.layers = layers
-        self.select_feature = select_feature
-
-    @classmethod
-    def build(
-        cls, cfg: VisionConfig, folder: Path | None, dtype: torch.dtype, device: torch.device | str
-    ) -> SiglipTower:
-        from transformers import SiglipVisionConfig, SiglipVisionModel
-
-        if folder is None:  # meta-device construction from the config alone (shape checks)
-            hf_cfg = SiglipVisionConfig(**{k: v for k, v in cfg.raw.items() if k != "architectures"})
-            with torch.device("meta"):
-                model = SiglipVisionModel(hf_cfg)
-        else:
-            from ..checkpoint import close_all, open_safetensors
-
-            lazy = open_safetensors(folder)
-            try:
-                if lazy is not None:
-                    # Build and read only the layers that run; tensors are read on demand (peak RSS, see
-                    # open_safetensors). Layers past the selected one are never loaded.
-                    hf_cfg = SiglipVisionConfig.from_pretrained(folder)
-                    hf_cfg.num_hidden_layers = cfg.num_layers_to_run
-                    state = {k: v for k, v in lazy[0].items() if _layer_index(k) < cfg.num_layers_to_run}
-                    model = SiglipVisionModel.from_pretrained(
-                        None,
-                        config=hf_cfg,
-                        state_dict=state,
-                        dtype=dtype,
-                        attn_implementation="sdpa",
-                        device_map={"": device},
-                    )
-                else:
-                    model = SiglipVisionModel.from_pretrained(
-                        folder, dtype=dtype, attn_implementation="sdpa", device_map={"": device}
-                    )
-            except OSError as e:
-                raise CheckpointError(f"cannot load the vision tower from {folder}: {e}") from e
-            finally:
-                if lazy is not None:
-                    close_all(lazy[1])
-        layers = nn.ModuleList(list(model.encoder.layers)[: cfg.num_layers_to_run])
-        return cls(model.embeddings, layers, cfg.select_feature)
-
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        h = self.embeddings(pixel_values)  # (B, N, C)
-        for layer in self.layers:
-            h = layer(h, attention_mask=None)
-        return h[:, 1:] if self.select_feature == "patch" else h
-
-
-def _layer_index(key: str) -> int:
-    """The encoder layer a SigLIP weight belongs to (-1 for none: embeddings, post-LayerNorm)."""
-    parts = key.split(".")
-    if "layers" in parts:
-        i = parts.index("layers") + 1
-        if i < len(parts) and parts[i].isdigit():
-            return int(parts[i])
-    return -1
-
-
-class InternTower(nn.Module):
-    """InternViT-6B (VILA1.5-40b); the module itself lives in :mod:`vila.model.intern_vit`."""
-
-    def __init__(self, model: nn.Module, num_layers: int, select_feature: str):
-        super().__init__()
-        self.model = model
-        self.num_layers = num_layers
-        self.select_feature = select_feature
-
-    @classmethod
-    def build(
-        cls, cfg: VisionConfig, folder: Path | None, dtype: torch.dtype, device: torch.device | str
-    ) -> InternTower:
-        from .intern_vit import InternVisionConfig, InternVisionModel, load_intern_vit
-
-        if folder is None:
-            with torch.device("meta"):
-                model = InternVisionModel(InternVisionConfig.from_dict(cfg.raw))
-        else:
-            model = load_intern_vit(folder, dtype=dtype, device=device)
-        return cls(model, cfg.num_layers_to_run, cfg.select_feature)
-
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        h = self.model(pixel_values, num_layers=self.num_layers)
-        return h[:, 1:] if self.select_feature == "patch" else h
-
-
-def build_tower(cfg: VisionConfig, folder: Path | None, dtype: torch.dtype, device: torch.device | str) -> nn.Module:
-    if cfg.kind == "siglip":
-        return SiglipTower.build(cfg, folder, dtype, device)
-    if cfg.kind == "intern":
-        return InternTower.build(cfg, folder, dtype, device)
-    raise UnsupportedModelError(f"the {cfg.kind!r} vision tower is not supported by this version of vila")
+def build_tower(cfg: VisionConfig, source: Any, dtype: torch.dtype, device: torch.device | str) -> nn.Module:
+    """The tower of ``cfg.kind`` from its registered family (:mod:`vila.families`); ``source=None`` builds it on
+    the meta device from the config alone."""
+    return tower_family(cfg.kind).build(cfg, source, dtype, device)
 
 
 def run_tower(tower: nn.Module, pixels: torch.Tensor, chunk: int = 0) -> torch.Tensor:
