@@ -285,14 +285,19 @@ def test_gpu_check_smoke(tmp_path):
         "1",
         "--warmup",
         "0",
+        "--batch",
+        "3",
         "--json",
         str(path),
     )
     out = json.loads(path.read_text())
-    assert out["same_greedy_tokens"] is True
-    assert set(out["results"]) == {"default", "static_compiled"}
-    assert all(r["decode_tok_s"] > 0 and r["ttft_s"] > 0 for r in out["results"].values())
-    assert out["bound_tok_s"] > 0 and out["prompt_text_tokens"] == 32
+    assert out["same_greedy_tokens"] is True  # eager and compiled, batch 1 and batch 3
+    assert set(out["results"]) == {"eager", "fast"}
+    for r in out["results"].values():
+        assert r["decode_tok_s_b1"] > 0 and r["decode_tok_s_b3"] > 0 and r["ttft_s"] > 0
+    assert out["bound_tok_s"] > 0 and out["ttft_floor_s"] > 0 and out["prompt_text_tokens"] == 32
+    assert set(out["goals"]) == {"fast_b1_over_bound", "fast_ttft_over_floor", "fast_batch_over_b1"}
+    assert out["vision_tiles"] > 0 and out["results"]["fast"]["positions"] > 32
 
 
 @pytest.mark.parametrize(

@@ -69,7 +69,7 @@ def test_vicuna_checkpoint_with_conv_mode_and_placeholder_text():
 def test_help_explains_every_flag():
     p = run("--help")
     assert p.returncode == 0
-    for flag in ["--model-path", "--conv-mode", "--text", "--media", "--num-video-frames", "--video-max-tiles", "--max-new-tokens", "--temperature", "--top-p", "--seed", "--device", "--dtype", "--version", "--debug"]:  # fmt: skip
+    for flag in ["--model-path", "--conv-mode", "--text", "--media", "--num-video-frames", "--video-max-tiles", "--max-new-tokens", "--temperature", "--top-p", "--seed", "--device", "--dtype", "--compile", "--version", "--debug"]:  # fmt: skip
         assert flag in p.stdout
     assert "exit codes" in p.stdout and "examples" in p.stdout
 

@@ -179,6 +179,17 @@ def test_static_cache_is_bucketed_and_pooled(llm, embeds):
     assert decode_mod._POOL.take(llm, (decode_mod.BUCKET, 1, torch.float32, torch.device("cpu"))) is first
 
 
+def test_idle_static_caches_are_bounded(llm, embeds):
+    """Every new shape leaves a cache behind; only the newest POOL_KEEP stay, so memory does not grow with shapes."""
+    long = torch.cat([embeds[0]] * (decode_mod.BUCKET // embeds[0].shape[0] + 1))  # past one bucket
+    for rows in range(1, 4):  # batch buckets 1, 2, 4
+        for prompt in (embeds[0], long):  # cache buckets 256, 512
+            decode(llm, [DecodeRow(prompt, 2, [NEVER])] * rows, static=True)
+    assert decode_mod._POOL.idle(llm) == decode_mod.POOL_KEEP
+    newest = (2 * decode_mod.BUCKET, 4, torch.float32, torch.device("cpu"))
+    assert decode_mod._POOL.take(llm, newest) is not None
+
+
 @pytest.mark.parametrize(
     "backend",
     [

@@ -46,12 +46,33 @@ def test_prompt_text_and_ids(tok):
 
 
 def test_a_tiled_image_is_one_image_token_per_tile(tok):
-    text, ids = render_prompt(to_turns([vila.Image(DEMO), "Describe"]), QWEN, tok, image_tokens=3)
+    text, ids = render_prompt(to_turns([vila.Image(DEMO), "Describe"]), QWEN, tok, tiles=3)
     assert "user\n<image>\n<image>\n<image>\nDescribe<|im_end|>" in text
     places = media_placements(ids, media_token_ids(tok))
     assert len(places) == 3 and [ids[p] for p, _ in places] == [media_token_ids(tok)["image"]] * 3
     newline = tok("\n").input_ids
     assert all(ids[p + 1 : p + 1 + len(newline)] == newline for p, _ in places)
+
+
+def test_a_single_tile_keeps_its_newline(tok):
+    """The reference writes ``"<image>\\n" * tiles`` for a lone image in dynamic mode, so one tile is
+    ``"<image>\\n"``, not ``"<image>"`` as an untiled image."""
+    text, _ = render_prompt(to_turns([vila.Image(DEMO), "Describe"]), QWEN, tok, tiles=1)
+    assert "user\n<image>\nDescribe<|im_end|>" in text
+    text, _ = render_prompt(to_turns([vila.Image(DEMO), "Describe"]), QWEN, tok)
+    assert "user\n<image>Describe<|im_end|>" in text
+
+
+def test_one_tile_image_end_to_end_has_the_newline(tiny_model):
+    """A 448x448 image is one tile in dynamic mode (nvila-lite-tiny); dynamic_s2 never adds the newline."""
+    square = PIL.Image.new("RGB", (448, 448), (90, 140, 200))
+    lite = tiny_model("nvila-lite-tiny")
+    assert lite.config.image_aspect_ratio == "dynamic"
+    p = lite.prepare(to_turns([square, "Describe"]))
+    assert len(p.media_tokens) == 1 and "<image>\nDescribe" in p.prompt_text
+    s2 = tiny_model("nvila-tiny")
+    assert s2.config.image_aspect_ratio == "dynamic_s2"
+    assert "<image>Describe" in s2.prepare(to_turns([square, "Describe"])).prompt_text
 
 
 def test_placements_keep_prompt_order_and_kind(tok):

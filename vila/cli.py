@@ -140,6 +140,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--dtype", default=None, help="auto (default: bf16/fp16 on GPU, fp32 on CPU), float32, float16 or bfloat16"
     )
+    p.add_argument(
+        "--compile",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="decode with a static KV cache and a torch.compile-d step (CUDA graphs on CUDA): auto (default) = on "
+        "CUDA only; on = also on CPU/MPS; off = always eager. The first request of each new shape compiles",
+    )
     p.add_argument("--revision", default=None, help="hub branch, tag or commit to download (default: main)")
     p.add_argument("--cache-dir", default=None, help="where hub downloads are cached (default: the Hugging Face cache)")
     # -- adapters, quantisation, several GPUs (vila.lora, vila.quantization, vila.device.plan_placement)
@@ -586,6 +593,7 @@ def run(args: argparse.Namespace) -> int:
         quantization="8bit" if args.load_8bit else "4bit" if args.load_4bit else None,
         devices=args.devices,
         max_memory=args.max_memory,
+        compile=args.compile,
     )
     load_s = time.perf_counter() - t_load
     hd_kwargs = apply_ps3_settings(model, hd_settings, hd_from_flags)
@@ -772,6 +780,7 @@ def run_batch_mode(model: Any, args: argparse.Namespace, gen: dict[str, Any], lo
             quantization = "8bit" if args.load_8bit else "4bit" if args.load_4bit else None
             load_kwargs = dict(dtype=args.dtype, conv_mode=args.conv_mode, revision=args.revision)
             load_kwargs.update(cache_dir=args.cache_dir, lora=args.lora_path, quantization=quantization)
+            load_kwargs["compile"] = args.compile
             if args.device not in (None, "auto"):
                 load_kwargs["device"] = args.device
             summary = run_ray_batch(

@@ -17,6 +17,17 @@ float32, the vocabulary mask and the caller's processors run before the sampling
 
 Nothing is stored on ``llm``: compiled step functions are module-level (their graphs are keyed by shapes), and
 static caches are kept for reuse in a pool keyed weakly by ``llm``, taken and given back under a lock.
+
+Threads: PyTorch keeps CUDA graphs per thread (inductor's CUDA-graph trees live in thread-local storage), and
+callers come from many threads (a worker thread per stream, the server's scheduler thread, the caller's own).
+Every new thread would warm up and record its graphs again, each into a memory pool of its own, and a thread
+that ends leaves its recordings behind for nobody. So every decode that uses CUDA graphs runs on one long-lived
+thread (:class:`_GraphThread`), one call at a time: graphs are recorded once per process and shape and
+replayed by every later caller, whatever thread it is on. Calls without CUDA graphs (eager, or compiled without
+them on CPU) run on the caller's thread as before. So do streams (:func:`without_cuda_graphs`, set by ``vila.engine.stream_content``): a stream's per-token hook waits
+until its reader takes each piece, so a stream on the shared thread would stall every other caller while its
+reader is elsewhere (for ever, if that reader is waiting on another stream); a stream's decode compiles without
+CUDA graphs on its own thread instead (inductor's fused kernels, launched one by one).
 """
 
 from __future__ import annotations
@@ -24,6 +35,7 @@ from __future__ import annotations
 import inspect
 import threading
 import weakref
+from collections import OrderedDict
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,6 +45,8 @@ import torch
 # Static caches are sized to a multiple of this many positions, so that prompts of nearby lengths share one
 # compiled graph (and one CUDA graph) instead of compiling one per length.
 BUCKET = 256
+# Idle static caches kept per llm for reuse (see _CachePool).
+POOL_KEEP = 2
 
 
 @dataclass(frozen=True)
@@ -88,6 +102,10 @@ def decode(
         if row.embeds.ndim != 2:
             raise ValueError(f"DecodeRow.embeds must be (L, D), got shape {tuple(row.embeds.shape)}")
     states = [_RowState(row) for row in rows]
+    if compile and _needs_graph_thread(rows[0].embeds.device):
+        device = rows[0].embeds.device
+        _GRAPHS.call(states, lambda: _on_device(device, lambda: _decode_static(llm, states, vocab_limit, True)))
+        return [s.tokens for s in states]
     with torch.no_grad():
         if static or compile:
             _decode_static(llm, states, vocab_limit, compile)
@@ -108,11 +126,12 @@ class _RowState:
         self.done = False
         self.stops = frozenset(row.stop_ids)
         self.warpers = _warpers(row.sampling) if row.sampling is not None else []
+        self.abandoned = False  # the caller stopped waiting (interrupted while a graph thread decoded for it)
 
     def push(self, token: int) -> None:
         """Record a token and decide whether the row ends with it."""
         self.tokens.append(token)
-        ended = token in self.stops or len(self.tokens) >= self.row.max_new_tokens
+        ended = token in self.stops or len(self.tokens) >= self.row.max_new_tokens or self.abandoned
         if self.row.on_token is not None and self.row.on_token(token):
             ended = True
         self.done = ended
@@ -273,7 +292,8 @@ def _decode_static(llm: Any, states: list[_RowState], vocab_limit: int | None, c
     # The mask spans the whole cache; positions not written yet are hidden by causality, so it never changes.
     full = torch.cat([mask, mask.new_ones(batch, length - width)], dim=-1)
 
-    step = _compiled_step(embeds.device) if compiled else _step
+    graphs = compiled and uses_cuda_graphs(embeds.device)
+    step = _compiled_step(embeds.device, graphs) if compiled else _step
     with _pooled_cache(llm, length, batch, embeds) as cache:
         kw = _forward_kwargs(llm, cache)
         out = llm(inputs_embeds=embeds, attention_mask=full, position_ids=pos, **kw)
@@ -292,7 +312,7 @@ def _decode_static(llm: Any, states: list[_RowState], vocab_limit: int | None, c
                 return
             ids = torch.tensor(tokens, dtype=torch.long, device=pos.device)[:, None]
             pos = pos + 1
-            if compiled and pos.device.type == "cuda":
+            if graphs:
                 torch.compiler.cudagraph_mark_step_begin()
             logits = step(llm, ids, pos, full, cache).clone()
 
@@ -303,20 +323,110 @@ def _step(llm: Any, ids: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor, ca
     return out.logits[:, -1].float()
 
 
-_COMPILED: dict[tuple[str, str], Callable[..., torch.Tensor]] = {}
+_COMPILED: dict[tuple[str, str, bool], Callable[..., torch.Tensor]] = {}
 _COMPILE_LOCK = threading.Lock()
 
 
-def _compiled_step(device: torch.device) -> Callable[..., torch.Tensor]:
-    """``torch.compile`` of :func:`_step`, one per device type: CUDA graphs (``reduce-overhead``) on CUDA, where
-    launch overhead dominates a one-token step; inductor's default elsewhere. Graphs are keyed by the step's
-    shapes (batch bucket, cache bucket), so a call of a new size compiles once and later calls reuse it."""
-    key = (device.type, _backend(device))
+def _compiled_step(device: torch.device, graphs: bool) -> Callable[..., torch.Tensor]:
+    """``torch.compile`` of :func:`_step`, one per device type and ``graphs``: CUDA graphs (``reduce-overhead``)
+    on CUDA, where launch overhead dominates a one-token step; inductor's default elsewhere and for streams.
+    Graphs are keyed by the step's shapes (batch bucket, cache bucket), so a call of a new size compiles once
+    and later calls reuse it."""
+    key = (device.type, _backend(device), graphs)
     with _COMPILE_LOCK:
         if key not in _COMPILED:
-            mode = "reduce-overhead" if device.type == "cuda" and key[1] == "inductor" else None
+            mode = "reduce-overhead" if graphs else None
             _COMPILED[key] = torch.compile(_step, mode=mode, fullgraph=True, backend=key[1])
         return _COMPILED[key]
+
+
+def uses_cuda_graphs(device: torch.device) -> bool:
+    """Whether a compiled step called from this thread replays CUDA graphs on ``device`` (inductor's
+    ``reduce-overhead`` on CUDA, unless inside :func:`without_cuda_graphs`)."""
+    return device.type == "cuda" and _backend(device) == "inductor" and not getattr(_LOCAL, "no_graphs", False)
+
+
+_LOCAL = threading.local()
+
+
+class without_cuda_graphs:
+    """Within this block, this thread's compiled decodes run on this thread without CUDA graphs (for streams,
+    whose hooks wait on their reader; see the module docstring)."""
+
+    def __enter__(self) -> None:
+        self.before = getattr(_LOCAL, "no_graphs", False)
+        _LOCAL.no_graphs = True
+
+    def __exit__(self, *exc: Any) -> None:
+        _LOCAL.no_graphs = self.before
+
+
+class _GraphThread:
+    """The one long-lived thread on which every decode with CUDA graphs runs (see the module docstring).
+
+    Started on first use, a daemon. A call from that thread itself (an ``on_token`` hook that decodes again)
+    runs inline instead of waiting on itself. A caller interrupted while waiting (Ctrl-C in the main thread)
+    ends its rows at their next token and waits for the thread to let go of them before the interrupt goes on."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.thread: threading.Thread | None = None
+        self.queue: Any = None
+
+    def call(self, states: Sequence[_RowState], work: Callable[[], None]) -> None:
+        if threading.current_thread() is self.thread:
+            with torch.no_grad():
+                work()
+            return
+        done, box = threading.Event(), []
+        self._start().put((work, done, box))
+        try:
+            done.wait()
+        except BaseException:
+            for s in states:
+                s.abandoned = True
+            done.wait()
+            raise
+        if box:
+            raise box[0]
+
+    def _start(self) -> Any:
+        import queue
+
+        with self.lock:
+            if self.thread is None:
+                self.queue = queue.SimpleQueue()
+                self.thread = threading.Thread(target=self._loop, name="vila-cuda-graphs", daemon=True)
+                self.thread.start()
+            return self.queue
+
+    def _loop(self) -> None:
+        while True:
+            work, done, box = self.queue.get()
+            try:
+                with torch.no_grad():  # grad mode is per thread
+                    work()
+            except BaseException as e:  # noqa: BLE001 - raised again in the calling thread
+                box.append(e)
+            finally:
+                del work
+                done.set()
+
+
+_GRAPHS = _GraphThread()
+
+
+def _needs_graph_thread(device: torch.device) -> bool:
+    return uses_cuda_graphs(device)
+
+
+def _on_device(device: torch.device, work: Callable[[], None]) -> None:
+    # The current CUDA device is per thread too: the graph thread's default is cuda:0, the model's may not be.
+    if device.type != "cuda":
+        work()
+        return
+    with torch.cuda.device(device):
+        work()
 
 
 def _backend(device: torch.device) -> str:
@@ -335,20 +445,33 @@ def _backend(device: torch.device) -> str:
 class _CachePool:
     """Static caches kept between calls, keyed weakly by the llm: a compiled step with CUDA graphs captures the
     cache's addresses, so reusing the same tensors avoids recording a new graph every call. A cache is taken
-    out under the lock and given back when its call ends, so concurrent calls never share one."""
+    out under the lock and given back when its call ends, so concurrent calls never share one. At most
+    :data:`POOL_KEEP` idle caches are kept per llm (the most recently used shapes): a cache of a long context at
+    batch 16 is gigabytes on an 8B model, and a server sees many shapes."""
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
-        self.free: weakref.WeakKeyDictionary[Any, dict[tuple, list[Any]]] = weakref.WeakKeyDictionary()
+        self.free: weakref.WeakKeyDictionary[Any, OrderedDict[tuple, list[Any]]] = weakref.WeakKeyDictionary()
 
     def take(self, llm: Any, key: tuple) -> Any | None:
         with self.lock:
-            caches = self.free.get(llm, {}).get(key)
+            caches = self.free.get(llm, OrderedDict()).get(key)
             return caches.pop() if caches else None
 
     def give(self, llm: Any, key: tuple, cache: Any) -> None:
         with self.lock:
-            self.free.setdefault(llm, {}).setdefault(key, []).append(cache)
+            shelf = self.free.setdefault(llm, OrderedDict())
+            shelf.setdefault(key, []).append(cache)
+            shelf.move_to_end(key)
+            while sum(len(c) for c in shelf.values()) > POOL_KEEP:
+                oldest = next(iter(shelf))
+                shelf[oldest].pop(0)
+                if not shelf[oldest]:
+                    del shelf[oldest]
+
+    def idle(self, llm: Any) -> int:
+        with self.lock:
+            return sum(len(c) for c in self.free.get(llm, {}).values())
 
 
 _POOL = _CachePool()

@@ -13,6 +13,10 @@ sessions, ``vila-infer --batch`` and its shards and Ray actors, and the server's
    in a single call. Each row streams and can be cancelled on its own (``on_token``, ``cancel``);
 6. decodes the text (and the time tokens of video answers when asked).
 
+How :func:`vila.decode.decode` keeps the cache is the model's setting ``model.compile_mode`` (``vila.load(...,
+compile=...)``, :func:`fast_decode`): on CUDA by default a static cache and a compiled, CUDA-graph one-token step;
+elsewhere the eager dynamic cache unless asked.
+
 A caller's ``generation_config`` (a ``transformers.GenerationConfig``, used as is) that asks for what
 :func:`vila.decode.decode` does not do (beam search, a repetition penalty, ...) is the one case that runs the
 LLM's own ``generate`` (:func:`_hf_generate`).
@@ -29,7 +33,7 @@ from typing import Any
 import torch
 
 from .cache import FeatureCache
-from .decode import DecodeRow, Sampling, decode
+from .decode import DecodeRow, Sampling, decode, without_cuda_graphs
 from .errors import PromptTooLongError, UsageError, VilaError
 from .processor import PreparedPrompt, to_turns
 from .prompt import Template, get_template
@@ -119,7 +123,14 @@ def stream_content(model: Any, prompt: Any, **settings: Any) -> TextStream:
         raise UsageError("stream_content makes its own streamer; call generate(streamer=...) to use yours")
     if settings.get("decode_time_tokens"):
         raise UsageError("time tokens cannot be rewritten while streaming; call generate_content for video answers")
-    return TextStream(model.tokenizer, lambda on_token: generate(model, prompt, on_token=on_token, **settings))
+
+    def work(on_token: Callable[[int], bool]) -> GenerationResult:
+        # In the stream's own worker thread: its hook waits on the reader, so it must not hold the one thread
+        # that replays CUDA graphs for every other caller (see vila.decode).
+        with without_cuda_graphs():
+            return generate(model, prompt, on_token=on_token, **settings)
+
+    return TextStream(model.tokenizer, work)
 
 
 def run(model: Any, requests: Sequence[Request], *, return_errors: bool = False) -> list[Any]:
@@ -243,14 +254,80 @@ def _decode(model: Any, jobs: list[_Job]) -> None:
             )
             for job in jobs
         ]
-        with torch.no_grad():
-            new = decode(model.llm, rows, vocab_limit=model.num_generatable, static=jobs[0].static)
+        fast = fast_decode(model, rows[0].embeds.device)
+        try:
+            with torch.no_grad():
+                new = decode(
+                    model.llm, rows, vocab_limit=model.num_generatable, static=fast or jobs[0].static, compile=fast
+                )
+        except Exception as e:
+            # "auto" promised speed, not a new failure: a step the compiler cannot handle (an LLM class it cannot
+            # trace, a missing toolchain) falls back to eager once for this model, when nothing was streamed yet.
+            if not fast or model_compile_mode(model) != "auto" or any(j.ids for j in jobs) or not _compiler_error(e):
+                raise
+            warnings.warn(
+                f"the compiled decode step failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+                "decoding eagerly from now on; load with compile=False (--compile off) to skip the attempt",
+                stacklevel=2,
+            )
+            model._compile_failed = True
+            with torch.no_grad():
+                new = decode(model.llm, rows, vocab_limit=model.num_generatable, static=jobs[0].static)
         for job, ids in zip(jobs, new):
             job.ids = list(ids)
     finally:
         t1 = time.perf_counter()
         for job in jobs:
             job.end(t1)
+
+
+COMPILE_MODES = ("auto", "on", "off")
+
+
+def compile_mode(value: bool | str | None) -> str:
+    """``vila.load(compile=...)`` / ``--compile`` as one of :data:`COMPILE_MODES` (True = "on", False = "off")."""
+    if value is None:
+        return "auto"
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, str) and value.lower() in COMPILE_MODES:
+        return value.lower()
+    raise UsageError(f"compile must be 'auto', True ('on') or False ('off'), got {value!r}")
+
+
+def model_compile_mode(model: Any) -> str:
+    return getattr(model, "compile_mode", "auto")
+
+
+def fast_decode(model: Any, device: torch.device) -> bool:
+    """Whether requests on ``device`` decode with the static cache and the compiled step.
+
+    "auto": on CUDA only, where a one-token step launches hundreds of small kernels and CUDA graphs replay
+    them as one; on CPU and MPS there is no launch overhead to remove and compiling costs seconds per new shape,
+    so there it is opt-in ("on"). Also not under "auto": an LLM spread over devices or quantised by
+    bitsandbytes (its kernels do not compile into one graph), or a model whose compiled step failed once."""
+    mode = model_compile_mode(model)
+    if mode != "auto":
+        return mode == "on"
+    if device.type != "cuda" or getattr(model, "_compile_failed", False):
+        return False
+    llm = model.llm
+    if getattr(llm, "is_quantized", False) or getattr(llm, "hf_quantizer", None) is not None:
+        return False
+    return len({str(d) for d in (getattr(llm, "hf_device_map", None) or {}).values()}) <= 1
+
+
+def _compiler_error(error: BaseException) -> bool:
+    """Whether ``error`` came from ``torch.compile`` or CUDA-graph capture (not from the model or a caller's hook)."""
+    import traceback
+
+    if isinstance(error, torch.OutOfMemoryError):
+        return False
+    dynamo = getattr(getattr(torch, "_dynamo", None), "exc", None)
+    if dynamo is not None and isinstance(error, dynamo.TorchDynamoException):
+        return True
+    files = [f.filename.replace("\\", "/") for f in traceback.extract_tb(error.__traceback__)]
+    return any(part in f for f in files for part in ("torch/_dynamo/", "torch/_inductor/", "torch/cuda/graphs.py"))
 
 
 def _hf_generate(model: Any, job: _Job) -> list[int]:

@@ -43,6 +43,7 @@ def load(
     quantization: Any = None,
     devices: str | list[int] | None = None,
     max_memory: Any = None,
+    compile: bool | str = "auto",
 ) -> VilaModel:
     """Load a VILA / NVILA checkpoint from a local folder or a Hugging Face hub id.
 
@@ -56,7 +57,16 @@ def load(
     (or a ``BitsAndBytesConfig``) loads the LLM through bitsandbytes (CUDA only); tower and projector stay 16-bit.
     ``lora=`` a peft LoRA adapter folder or hub id trained on this base model: merged into the weights (kept
     unmerged on top of 8-/4-bit weights).
+
+    ``compile`` sets how answers are decoded (``model.compile_mode``): ``"auto"`` (default) a static KV cache and
+    a ``torch.compile``-d one-token step replayed as CUDA graphs on CUDA, the eager dynamic cache on CPU and MPS;
+    ``True`` the compiled path everywhere; ``False`` always eager. Greedy tokens are the same either way. The
+    first request of each new shape (cache of 256 positions more, or a batch past the next power of two)
+    compiles and records its graph.
     """
+    from .engine import compile_mode
+
+    mode = compile_mode(compile)  # fail fast on a typo, before minutes of loading
     if conv_mode != "auto":
         get_template(conv_mode)  # fail fast on a typo, before minutes of loading
     root = resolve_checkpoint(path_or_id, revision=revision, cache_dir=cache_dir)
@@ -123,6 +133,7 @@ def load(
             from .lora import apply_lora
 
             apply_lora(model, lora, merge=quantization is None, revision=None, cache_dir=cache_dir)
+        model.compile_mode = mode
         return model
 
 

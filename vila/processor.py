@@ -213,15 +213,15 @@ def concat_image_batches(batches: Sequence[ImageBatch]) -> ImageBatch | None:
 
 
 def render_prompt(
-    turns: Sequence[Turn], template: Template, tokenizer: Any, *, image_tokens: int = 1
+    turns: Sequence[Turn], template: Template, tokenizer: Any, *, tiles: int | None = None
 ) -> tuple[str, list[int]]:
     """The prompt text (the assistant turn opened, as generation sees it) and its token ids.
 
-    ``image_tokens`` is how many ``<image>`` tokens the conversation's first image takes: in ``dynamic`` mode a
-    lone image is tiled and written as one ``"<image>\\n"`` per tile, as the reference's ``generate_content``
-    does (NVlabs/VILA ``llava/model/llava_arch.py``); every other image is one ``<image>``.
+    ``tiles``: the tile count of a lone image in ``dynamic`` mode, which the reference's ``generate_content``
+    (NVlabs/VILA ``llava/model/llava_arch.py``) writes as ``"<image>\\n" * tiles`` — a newline after the token
+    even for a single tile. None (every other case, ``dynamic_s2`` included): each image is one ``<image>``.
     """
-    image_token = (IMAGE_TOKEN + "\n") * image_tokens if image_tokens > 1 else IMAGE_TOKEN
+    image_token = (IMAGE_TOKEN + "\n") * tiles if tiles is not None else IMAGE_TOKEN
     messages = []
     for turn in turns:
         text = build_user_text(

@@ -250,8 +250,10 @@ class VilaModel(nn.Module):
     ) -> PreparedPrompt:
         """Render the conversation (the processor) and splice the media blocks into its embeddings."""
         image_blocks, video_blocks = plan.image_blocks, plan.video_blocks
-        image_tokens = len(plan.images[0].blocks or ()) if plan.images else 1
-        prompt_text, ids = render_prompt(turns, template, self.tokenizer, image_tokens=image_tokens)
+        tiles = None
+        if plan.tiled and self.config.image_aspect_ratio == "dynamic":
+            tiles = len(plan.images[0].blocks or ())
+        prompt_text, ids = render_prompt(turns, template, self.tokenizer, tiles=tiles)
         input_ids = torch.tensor(ids, dtype=torch.long)
         inputs_embeds = self._splice(input_ids, image_blocks, video_blocks)
         logger.debug(
