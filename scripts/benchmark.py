@@ -1375,6 +1375,35 @@ def bench_caption(report: Report, model: Any, args: argparse.Namespace, timer: T
     report.add(sec, "decode_time_one_by_one", Stat.of([r["decode_s"] for r in o]), "(sum over the requests)")
     same = [x.token_ids == y.token_ids for x, y in zip(b[0]["results"], o[0]["results"])]
     report.add(sec, "same_answers", f"{sum(same)}/{len(same)}", "(greedy tokens, batched vs one by one)")
+    t1, tb = linear_batch_bound(model.llm, n, timer)
+    report.add(sec, "linear_kernels_batch1", round(t1 * 1000, 4), "ms (every LLM matmul once, alone, 1 row)")
+    report.add(sec, f"linear_kernels_batch{n}", round(tb * 1000, 4), f"ms (the same, {n} rows)")
+    report.add(
+        sec, "decode_speedup_kernel_bound", round(n * t1 / tb, 3), f"(batch {n} / batch 1 tok/s its matmuls allow)"
+    )
+
+
+def linear_batch_bound(llm: Any, batch: int, timer: Timer) -> tuple[float, float]:
+    """How much more one decode step's matmuls cost at ``batch`` rows than at one, with the LLM's own weights:
+    every ``nn.Linear`` of the LLM timed alone (``F.linear``, as the model calls it) at M = 1 and M = ``batch``.
+    Returns (seconds at 1 row, seconds at ``batch`` rows) for all of them; ``batch * t1 / tb`` is the decode
+    speedup the matmul kernels allow, whatever the decode loop does around them."""
+    import torch.nn.functional as F
+
+    t1 = tb = 0.0
+    with torch.no_grad():
+        for module in llm.modules():
+            if not isinstance(module, torch.nn.Linear):
+                continue
+            w, b = module.weight, module.bias
+            for rows in (1, batch):
+                x = torch.randn(rows, w.shape[1], dtype=w.dtype, device=w.device)
+                stat, _ = repeat(lambda x=x, w=w, b=b: F.linear(x, w, b), timer, runs=3, warmup=1)
+                if rows == 1:
+                    t1 += stat.median
+                else:
+                    tb += stat.median
+    return t1, tb
 
 
 def print_summary(report: Report) -> None:
@@ -1411,6 +1440,13 @@ def print_summary(report: Report) -> None:
             f"{med(c['decode_batch1']):.3g}",
             c["decode_speedup"],
             ">= 4 (ratio = speedup)",
+        )
+        row(
+            f"LLM matmuls alone, {n} rows vs 1 (ms)",
+            f"{c[f'linear_kernels_batch{n}']:.4g}",
+            f"{c['linear_kernels_batch1']:.4g}",
+            c["decode_speedup_kernel_bound"],
+            "(ratio = the decode speedup these kernels allow)",
         )
     if not lines:
         return

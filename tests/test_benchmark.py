@@ -95,6 +95,9 @@ def test_benchmark_fast_modes(tmp_path):
     assert cap["decode_batch3"]["unit"] == cap["decode_batch1"]["unit"] == "tok/s"
     assert cap["decode_batch3"]["median"] > 0 and cap["decode_batch1"]["median"] > 0
     assert cap["total_batched_over_one_by_one"] > 0 and cap["decode_speedup"] > 0
+    # The kernel bound is the ratio of the two matmul totals it reports (structure, not speed).
+    t1, t3 = cap["linear_kernels_batch1"], cap["linear_kernels_batch3"]
+    assert cap["decode_speedup_kernel_bound"] == pytest.approx(3 * t1 / t3, rel=0.02)
     assert load["baseline_read_and_convert"]["median"] > 0 and load["load_over_baseline"] > 0
     assert s["static"]["status"].startswith("skipped")  # CUDA only
     assert out["machine"]["cpu_count"] >= 1 and out["setup"]["device"] == "cpu"
