@@ -54,6 +54,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import statistics
 import subprocess
 import sys
@@ -108,6 +109,8 @@ root, image, prompt, new_tokens, checked = sys.argv[1], sys.argv[2], sys.argv[3]
 t0 = time.perf_counter()
 model = llava.load(root, model_base=None, device="cpu")
 load_s = time.perf_counter() - t0
+import resource
+load_rss_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 configure_ps3_and_context_length(model)
 clib.default_conversation = clib.conv_templates["auto"].copy()
 
@@ -150,7 +153,8 @@ for comp, name in checked.items():
     got = modules[comp].state_dict()[name].float()
     weights[comp] = bool(torch.equal(got, want))
 print(json.dumps({
-    "import_s": import_s, "load_s": load_s, "requests": requests, "weights_equal_file": weights,
+    "import_s": import_s, "load_s": load_s, "load_rss_gib": load_rss_gib, "requests": requests,
+    "weights_equal_file": weights,
     "dtype": str(model.llm.dtype), "threads": torch.get_num_threads(),
     "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "python": sys.version.split()[0]},
 }))
@@ -172,6 +176,7 @@ def ours_child(root: str, image: str, new_tokens: int) -> None:
     t0 = time.perf_counter()
     model = vila.load(root, dtype="float32", device="cpu")
     load_s = time.perf_counter() - t0
+    load_rss_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # peak, before any request (KiB)
     never = model.llm.get_output_embeddings().weight.shape[0]
     gen = GenerationConfig(max_new_tokens=new_tokens, do_sample=False, eos_token_id=[never])
     requests = []
@@ -187,7 +192,8 @@ def ours_child(root: str, image: str, new_tokens: int) -> None:
         "transformers": transformers.__version__,
         "python": platform.python_version(),
     }
-    out = {"import_s": import_s, "load_s": load_s, "requests": requests, "dtype": str(model.dtype)}
+    out = {"import_s": import_s, "load_s": load_s, "load_rss_gib": load_rss_gib, "requests": requests}
+    out["dtype"] = str(model.dtype)
     print(json.dumps({**out, "threads": torch.get_num_threads(), "versions": versions}))
 
 
@@ -225,6 +231,7 @@ def summarise(ours: list[dict[str, Any]], ref: list[dict[str, Any]]) -> dict[str
         get = {
             "import": lambda r: r["import_s"],
             "load": lambda r: r["load_s"],
+            "load_peak_rss_gib": lambda r: r["load_rss_gib"],
             "request_first": lambda r: r["requests"][0]["s"],
             "request_warm": lambda r: r["requests"][1]["s"],
         }[key]
@@ -235,7 +242,7 @@ def summarise(ours: list[dict[str, Any]], ref: list[dict[str, Any]]) -> dict[str
         return sorted({json.dumps(q[key]) for r in runs for q in r["requests"]})
 
     return {
-        "rows": {k: row(k) for k in ("load", "request_warm", "request_first", "import")},
+        "rows": {k: row(k) for k in ("load", "load_peak_rss_gib", "request_warm", "request_first", "import")},
         "same_text": distinct(ours, "text") == distinct(ref, "text") and len(distinct(ours, "text")) == 1,
         "same_tokens": distinct(ours, "token_ids") == distinct(ref, "token_ids"),
         "same_positions": distinct(ours, "positions") == distinct(ref, "positions"),
@@ -299,13 +306,15 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'':22s}{'ours':>10s}{'reference':>12s}{'ratio':>8s}")
     labels = {
         "load": "load (fp32, CPU)",
+        "load_peak_rss_gib": "load peak RSS (GiB)",
         "request_warm": "one request (2nd)",
         "request_first": "one request (1st)",
         "import": "imports",
     }
     for key, label in labels.items():
         r = summary["rows"][key]
-        print(f"{label:22s}{r['ours_s']:>9.2f}s{r['reference_s']:>11.2f}s{r['ratio']:>8.2f}")
+        unit = "" if key.endswith("gib") else "s"
+        print(f"{label:22s}{r['ours_s']:>9.2f}{unit:1s}{r['reference_s']:>11.2f}{unit:1s}{r['ratio']:>8.2f}")
     yes = {True: "yes", False: "NO"}
     print(
         f"same greedy text: {yes[summary['same_text']]}; same token ids: {yes[summary['same_tokens']]}; "
