@@ -175,3 +175,22 @@ def test_auto_does_not_hide_errors_that_are_not_the_compilers(tiny_model, aot_ea
     with pytest.raises(ValueError, match="processor failed"):
         model.generate("hi", max_new_tokens=4, logits_processor=[processor])
     assert model._compile_failed is False
+
+
+@pytest.mark.parametrize(("flag", "mode"), [("on", "on"), ("off", "off"), (None, "auto")])
+def test_compile_flag_reaches_the_model(flag, mode, monkeypatch, capsys):
+    """``vila-infer --compile`` is handed to ``vila.load`` and ends up as the model's setting."""
+    from vila import cli
+
+    seen, real = [], vila.load
+
+    def load(*args, **kwargs):
+        model = real(*args, **kwargs)
+        seen.append(model.compile_mode)
+        return model
+
+    monkeypatch.setattr(vila, "load", load)
+    monkeypatch.setenv("VILA_COMPILE_BACKEND", "aot_eager")
+    argv = ["-m", str(TINY / "nvila-tiny"), "--text", "hi", "--max-new-tokens", "2", "--device", "cpu"]
+    assert cli.main(argv + (["--compile", flag] if flag else [])) == 0
+    assert seen == [mode]
