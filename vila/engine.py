@@ -383,6 +383,27 @@ class _Job:
         self.processors: list[Any] = []
         self.cancelled = False
         self.stopped = False  # ended by a stopping criterion or the caller's on_token
+        # Set by parse() from the request's settings:
+        self.t_start = 0.0
+        self.turns: list[Any] = []
+        self.media: dict[str, Any] = {}
+        self.template: Template | None = None
+        self.stop_ids: tuple[int, ...] = ()
+        self.cache: FeatureCache | None = None
+        self.seed: int | None = None
+        self.max_new_tokens: int | None = None
+        self.sampling: Sampling | None = None
+        self.static = False
+        self.hf_config: Any = None  # a caller's GenerationConfig that decode() cannot follow
+        self.json_format: ResponseFormat | None = None
+        self.decode_time_tokens = False
+        self.user_processors: list[Any] = []
+        self.criteria: list[Any] = []
+        self.clock = TokenClock(None)
+        # Set on the way: the capped budget (plan), the LLM's start and its duration (start / end).
+        self.budget = 0
+        self.t_llm = 0.0
+        self.generate_s: float | None = None
 
     @classmethod
     def failed(cls, index: int, request: Request) -> _Job:
@@ -409,7 +430,7 @@ class _Job:
         tiles = s.get("video_max_tiles")
         if tiles is not None and (not isinstance(tiles, int) or tiles < 1):
             raise UsageError(f"video_max_tiles must be a positive integer, got {tiles!r}")
-        job.json_format: ResponseFormat | None = parse_response_format(s.get("response_format"))
+        job.json_format = parse_response_format(s.get("response_format"))
         job.t_start = t_start
         job.turns = to_turns(request.prompt)
         job.media = {k: s[k] for k in media_names if s.get(k) is not None}
@@ -535,7 +556,7 @@ class _Job:
         else:
             reason = "length"
         timings = dict(p.timings)
-        if hasattr(self, "generate_s"):
+        if self.generate_s is not None:
             timings.update(generate_s=self.generate_s, **self.clock.timings(self.t_start, self.t_llm))
         return GenerationResult(
             text=text,
