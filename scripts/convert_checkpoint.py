@@ -89,41 +89,52 @@ def family_of(cfg: VilaConfig) -> str:
     )
 
 
+# Bytes per element of the safetensors dtypes, to plan shards from the headers before reading any tensor.
+ELEMENT_BYTES = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2, "U16": 2}
+
+
 def copy_tensors(sources: list[tuple[ComponentSource, str]], dst: Path, shard_bytes: int, drop: set[str]) -> None:
-    """Write the sources' tensors (renamed: prefix removed, the new one added) into ``dst`` as safetensors shards,
-    one tensor in memory beyond the shard being filled."""
+    """Write the sources' tensors (renamed: prefix removed, the new one added) into ``dst`` as safetensors shards.
+    Shards are planned from the files' headers first, then written one at a time, so memory holds one shard."""
     from safetensors.torch import save_file
 
-    shards: list[dict[str, Any]] = [{}]
-    size = 0
-    for source, new_prefix in sources:
-        state, handles = open_safetensors(source)
-        try:
+    opened = [(open_safetensors(source), new_prefix) for source, new_prefix in sources]
+    try:
+        shards: list[list[tuple[str, Any]]] = [[]]  # (new name, lazy slice) per shard
+        sizes = [0]
+        for (state, _), new_prefix in opened:
             for key in sorted(state):
                 name = new_prefix + key
                 if name in drop:
                     continue
-                tensor = state[key][...].contiguous()
-                nbytes = tensor.numel() * tensor.element_size()
-                if shards[-1] and size + nbytes > shard_bytes:
-                    shards.append({})
-                    size = 0
-                shards[-1][name] = tensor
-                size += nbytes
-        finally:
+                lazy = state[key]
+                count = 1
+                for d in lazy.get_shape():
+                    count *= d
+                nbytes = count * ELEMENT_BYTES.get(lazy.get_dtype(), 1)
+                if shards[-1] and sizes[-1] + nbytes > shard_bytes:
+                    shards.append([])
+                    sizes.append(0)
+                shards[-1].append((name, lazy))
+                sizes[-1] += nbytes
+        dst.mkdir(parents=True, exist_ok=True)
+        names = (
+            ["model.safetensors"]
+            if len(shards) == 1
+            else [f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)]
+        )
+        weight_map = {}
+        for shard, file_name in zip(shards, names):
+            save_file(
+                {name: lazy[...].contiguous() for name, lazy in shard}, dst / file_name, metadata={"format": "pt"}
+            )
+            weight_map.update(dict.fromkeys((name for name, _ in shard), file_name))
+    finally:
+        for (_, handles), _ in opened:
             close_all(handles)
-    dst.mkdir(parents=True, exist_ok=True)
-    if len(shards) == 1:
-        save_file(shards[0], dst / "model.safetensors", metadata={"format": "pt"})
-        return
-    weight_map, total = {}, 0
-    for i, shard in enumerate(shards, 1):
-        name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, dst / name, metadata={"format": "pt"})
-        weight_map.update(dict.fromkeys(shard, name))
-        total += sum(t.numel() * t.element_size() for t in shard.values())
-    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-    (dst / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    if len(shards) > 1:
+        index = {"metadata": {"total_size": sum(sizes)}, "weight_map": dict(sorted(weight_map.items()))}
+        (dst / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
 
 
 def copy_files(src: Path, dst: Path, names: tuple[str, ...]) -> None:

@@ -11,12 +11,13 @@ import subprocess
 import sys
 
 import pytest
-from conftest import TINY, read_rows, wait_for_lines, write_jsonl
+from conftest import INPUTS, TINY, read_rows, wait_for_lines, write_jsonl
 
 import vila
 import vila.batch
 import vila.engine
 from vila.batch import answered_keys, run_batch
+from vila.errors import UsageError
 
 
 @pytest.mark.parametrize("variant", ["nvila-tiny", "vila15-tiny", "nvila-lite-tiny"])
@@ -187,3 +188,17 @@ def test_drive_batch_hands_only_the_rows_left_to_answer(tmp_path):
     assert [r["line"] for r in read_rows(out) if "duplicate id" in r.get("error", "")] == [2]
     again = vila.batch.drive_batch(src, out, answer, resume=True, progress=False)
     assert calls == [[1, 3]] and again.skipped == 3
+
+
+def test_image_bytes_follow_the_placeholder_rules_of_paths():
+    """A row's image bytes (Parquet / Ray binary columns) are placed like paths; errors name the row's keys."""
+    from vila.batch import request_prompt
+    from vila.media import Image
+
+    png = (INPUTS / "demo_img.png").read_bytes()
+    parts = request_prompt("Compare <image> with <image>.", [png, png])
+    assert [type(p).__name__ for p in parts] == ["str", "Image", "str", "Image", "str"]
+    assert parts[1].source == png and parts[2] == " with "
+    assert isinstance(request_prompt("Describe.", [png])[0], Image)
+    with pytest.raises(UsageError, match=r"^'text' has 2 media placeholder\(s\) but 1 'media' item\(s\)"):
+        request_prompt("<image> and <image>", [png])

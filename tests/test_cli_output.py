@@ -124,6 +124,32 @@ def test_one_load_bar_on_a_terminal_for_a_big_checkpoint(monkeypatch):
     assert quiet.getvalue() == ""
 
 
+@pytest.mark.parametrize("variant", ["nvila-tiny", "vila15-tiny", "vilahd-tiny"])
+def test_the_load_bar_counts_every_stored_tensor(variant, monkeypatch):
+    """The bar reaches its total: each tensor is counted when it is read, and stored layers past the selected one
+    (never read) are counted too."""
+    import tqdm
+
+    bars = []
+
+    class Recording:
+        def __init__(self, total=None, **kwargs):
+            self.total, self.n = total, 0
+            bars.append(self)
+
+        def update(self, n=1):
+            self.n += n
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(sys, "stderr", FakeTerminal())
+    monkeypatch.setattr(vila.loading, "BIG_CHECKPOINT_BYTES", 0)
+    monkeypatch.setattr(tqdm, "tqdm", Recording)
+    vila.load(TINY / variant, device="cpu")
+    assert len(bars) == 1 and bars[0].total and bars[0].n == bars[0].total
+
+
 # -- --debug ---------------------------------------------------------------------------------------------------
 
 

@@ -25,6 +25,19 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         if self.path == "/slow":
             RELEASE.wait(10)
             return
+        if self.path == "/drip":  # one byte every 0.1 s: each read is quick, the whole download is not
+            self.send_response(200)
+            self.send_header("Content-Type", "application/octet-stream")
+            self.end_headers()
+            for _ in range(100):
+                if RELEASE.wait(0.1):
+                    return
+                try:
+                    self.wfile.write(b"x")
+                    self.wfile.flush()
+                except OSError:
+                    return
+            return
         if self.path.startswith("/redirect?"):
             self.send_response(302)
             self.send_header("Location", self.path.split("?", 1)[1])
@@ -77,6 +90,18 @@ def test_timeout_is_one_line(base):
     with pytest.raises(DownloadError, match=r"no answer within 0.2 s; try again") as e:
         fetch(f"{base}/slow", DownloadPolicy(timeout_s=0.2))
     assert e.value.code == "timeout" and f"{base}/slow" in str(e.value)
+
+
+def test_deadline_bounds_a_dripping_download(base):
+    """A server that sends a byte at a time, each well within the per-read timeout, is still cut off at the
+    whole-download deadline (the server's defence against slow-drip URLs)."""
+    import time
+
+    t0 = time.monotonic()
+    with pytest.raises(DownloadError, match=r"/drip took longer than 0.5 s") as e:
+        fetch(f"{base}/drip", DownloadPolicy(timeout_s=1.0, deadline_s=0.5))
+    assert e.value.code == "timeout"
+    assert time.monotonic() - t0 < 5  # not the 10 s the drip would take; a bound, not a speed figure
 
 
 def test_http_error_and_scheme(base):

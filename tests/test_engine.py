@@ -188,3 +188,30 @@ def test_generation_config_decode_cannot_follow_runs_the_llms_generate(tiny_mode
             generation_config=penalised,
         )[0].tolist()
     assert got == want
+
+
+def test_a_seed_gives_its_answer_whatever_other_threads_draw(tiny_model):
+    """Each seeded request draws from a generator of its own: requests sampling at once in other threads (the
+    server's worker, streams) cannot change its answer, and it equals the same request made alone."""
+    import threading
+
+    model = tiny_model("nvila-tiny")
+    kwargs = {"max_new_tokens": 8, "do_sample": True, "temperature": 100.0}
+    alone = model.generate("Hello", seed=123, **kwargs).token_ids
+    out: dict[int, list[int]] = {}
+
+    def noisy() -> None:  # unseeded sampling: draws from the global generator all along
+        for _ in range(3):
+            model.generate("Tell me more", **kwargs)
+
+    def seeded(i: int) -> None:
+        out[i] = model.generate("Hello", seed=123, **kwargs).token_ids
+
+    threads = [threading.Thread(target=noisy)] + [threading.Thread(target=seeded, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert out == {0: alone, 1: alone, 2: alone}
+    torch.manual_seed(123)
+    assert model.generate("Hello", **kwargs).token_ids == alone  # the same draws as torch.manual_seed(seed)

@@ -136,6 +136,14 @@ def test_config_key_missing_or_wrong_is_named(tmp_path):
     with pytest.raises(CheckpointError, match="image_token_id") as info:
         vila.load(hf, device="cpu")
     assert "\n" not in str(info.value)
+    for key, bad, said in (
+        ("text_config", "x", "text_config must be an object, got str"),
+        ("vision_config", [1], "vision_config must be an object, got list"),
+        ("image_token_id", "abc", "image_token_id must be an integer, got 'abc'"),
+    ):
+        (hf / "config.json").write_text(json.dumps({**top, key: bad}))
+        with pytest.raises(CheckpointError, match=said):
+            parse_config(hf)
     del top["vision_config"]
     (hf / "config.json").write_text(json.dumps(top))
     with pytest.raises(CheckpointError, match="vision_config is missing"):
@@ -149,3 +157,39 @@ def test_converter_refuses_what_it_cannot_write(tmp_path):
     with pytest.raises(UsageError, match="single-folder layout"):
         convert(TINY / "vila15-tiny", tmp_path / "y")
     assert converter().main([str(TINY / "nvila-tiny"), str(tmp_path / "z"), "--to", "original"]) == 2
+
+
+def test_single_folder_llm_refuses_quantisation_and_device_maps(tmp_path):
+    """transformers' from_pretrained (8-/4-bit, several devices) reads a folder, not a prefix inside one file."""
+    from vila.model.llm import load_llm
+
+    hf = converter().convert(TINY / "nvila-tiny", tmp_path / "hf")
+    source = parse_config(hf).llm_source
+    assert source.prefix == "llm."
+    with pytest.raises(CheckpointError, match=r"cannot be quantised or spread over devices yet; use the original"):
+        load_llm(source, torch.float32, {"": "cpu"}, {"max_memory": {"cpu": "1GiB"}})
+
+
+def test_sharded_conversion_loads_the_same_weights(tmp_path):
+    """Shards planned from the headers (a tiny shard size forces several) hold every tensor once, and the index
+    names the shard of each."""
+    convert = converter().convert
+    hf = convert(TINY / "nvila-lite-tiny", tmp_path / "hf", shard_gb=2e-4)  # ~200 kB shards
+    shards = sorted(hf.glob("model-*-of-*.safetensors"))
+    index = json.loads((hf / "model.safetensors.index.json").read_text())
+    assert len(shards) > 2 and set(index["weight_map"].values()) == {p.name for p in shards}
+    original, single = vila.load(TINY / "nvila-lite-tiny", device="cpu"), vila.load(hf, device="cpu")
+    for part in ("llm", "vision_tower", "mm_projector"):
+        got, want = getattr(single, part).state_dict(), getattr(original, part).state_dict()
+        assert all(torch.equal(got[k], want[k]) for k in want), part
+
+
+def test_meta_build_of_a_single_folder_checkpoint(tmp_path):
+    """vila.meta reads the nested configs of an -hf checkpoint: the same shapes as its original layout."""
+    from vila.meta import meta_from_folder
+
+    hf = converter().convert(TINY / "nvila-tiny", tmp_path / "hf")
+    want, got = meta_from_folder(TINY / "nvila-tiny"), meta_from_folder(hf)
+    for part in ("llm", "vision_tower", "mm_projector"):
+        a, b = getattr(want, part).state_dict(), getattr(got, part).state_dict()
+        assert {k: v.shape for k, v in a.items()} == {k: v.shape for k, v in b.items()}, part

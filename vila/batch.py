@@ -28,7 +28,6 @@ import glob
 import json
 import logging
 import os
-import re
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -294,31 +293,11 @@ def answer_rows(
 
 
 def request_prompt(text: str | None, media: Sequence[str | bytes]) -> list[Any]:
-    """:func:`vila.media.build_prompt`, where media given as bytes (a Parquet or Ray binary column) are images."""
-    from .media import Image, build_prompt
+    """:func:`vila.media.build_prompt` for a request row (media given as bytes, from a Parquet or Ray binary
+    column, are images)."""
+    from .media import build_prompt
 
-    if not any(isinstance(m, bytes) for m in media):
-        return build_prompt(text, media)  # type: ignore[arg-type]
-    items = [Image(m) for m in media if isinstance(m, bytes)]
-    paths = [m for m in media if isinstance(m, str)]
-    if paths:
-        raise UsageError("'media' mixes bytes and paths; give all items one way")
-    if text is None:
-        return items
-    holes = text.count("<image>") + text.count("<video>")
-    if not holes:
-        return [*items, *build_prompt(text, [])]
-    # The placeholder rules of build_prompt, applied to the decoded images.
-    if holes != len(items):
-        raise UsageError(f"'text' has {holes} media placeholder(s) but {len(items)} media item(s); make them match")
-    prompt: list[Any] = []
-    it = iter(items)
-    for piece in re.split(r"(<image>|<video>)", text):
-        if piece in ("<image>", "<video>"):
-            prompt.append(next(it))
-        elif piece:
-            prompt.append(piece)
-    return prompt
+    return build_prompt(text, media, names=("'text'", "'media'"))
 
 
 class OutputFile:
@@ -497,7 +476,7 @@ def _error_row(request_id: Any, line: int, error: BaseException) -> dict[str, An
     if isinstance(error, torch.OutOfMemoryError):
         return {
             "id": request_id,
-            "error": f"out of memory answering this request alone ({str(error).splitlines()[0][:200]}); "
+            "error": f"out of memory answering this request alone ({(str(error).splitlines() or [''])[0][:200]}); "
             "lower its max_new_tokens, num_video_frames or image size, or use a larger GPU",
             "error_type": "OutOfMemoryError",
             "exit_code": 1,
@@ -520,7 +499,7 @@ def _answer(model: Any, requests: list[Request], cache: FeatureCache) -> list[di
     jobs = [
         engine.Request(
             r.prompt,
-            {**generate_settings(r.settings), "cache": cache, "decode_time_tokens": has_video_file(r.prompt)},
+            {**engine.request_settings(r.settings), "cache": cache, "decode_time_tokens": has_video_file(r.prompt)},
         )
         for r in requests
     ]
@@ -540,13 +519,6 @@ def _answer(model: Any, requests: list[Request], cache: FeatureCache) -> list[di
             }
         )
     return rows
-
-
-def generate_settings(settings: dict[str, Any]) -> dict[str, Any]:
-    """Request settings -> ``generate`` keyword arguments (a temperature above 0 means sampling)."""
-    kwargs = dict(settings)
-    kwargs["do_sample"] = (kwargs.get("temperature") or 0) > 0
-    return kwargs
 
 
 def _progress(total: int, enabled: bool) -> Any:

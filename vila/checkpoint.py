@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Callable
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -195,6 +197,11 @@ def close_all(handles: list[Any]) -> None:
         h.__exit__(None, None, None)
 
 
+# Told how many of a component's stored tensors a loader has dealt with (read, or stored but never used), so
+# that vila.load can show one progress bar over every component (see vila.loading.quiet_load).
+LOAD_PROGRESS: ContextVar[Callable[[int], Any] | None] = ContextVar("vila_load_progress", default=None)
+
+
 def assign_weights(
     module: Any,
     source: ComponentSource,
@@ -214,6 +221,7 @@ def assign_weights(
     expected = module.state_dict()
     tied = tied or {}
     state, handles = _locate(source)
+    advance = LOAD_PROGRESS.get()
     try:
         unexpected = sorted(k for k in state if k not in expected and not k.startswith(skip))
         missing = sorted(k for k in expected if k not in state and k not in tied)
@@ -240,6 +248,10 @@ def assign_weights(
                 handle, name = state[key]
                 cast = dtype if expected[key].is_floating_point() else None
                 loaded[key] = handle.get_tensor(name).to(device=device, dtype=cast)
+                if advance is not None:
+                    advance(1)
+        if advance is not None and len(state) > len(loaded):
+            advance(len(state) - len(loaded))  # stored, never used (layers past the selected one)
     finally:
         close_all(handles)
     for key, target in tied.items():

@@ -257,7 +257,25 @@ def single_folder_settings(top: dict[str, Any]) -> dict[str, Any]:
     for key in ("text_config", "vision_config", "image_token_id", "video_token_id"):
         if top.get(key) is None:
             raise CheckpointError(f"config.json: {key} is missing; the single-folder checkpoint is incomplete")
+    for key, kind, name in (("text_config", dict, "an object"), ("vision_config", dict, "an object")):
+        if not isinstance(top[key], kind):
+            raise CheckpointError(
+                f"config.json: {key} must be {name}, got {type(top[key]).__name__}; the file is malformed"
+            )
+    for key in ("image_token_id", "video_token_id"):
+        if isinstance(top[key], bool) or not isinstance(top[key], int):
+            raise CheckpointError(f"config.json: {key} must be an integer, got {top[key]!r}; the file is malformed")
     return {**SINGLE_FOLDER_COMMON, **SINGLE_FOLDER_FAMILIES[family], **top}
+
+
+def single_folder_components(settings: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """The LLM, vision tower and projector configs a single-folder config (after :func:`single_folder_settings`)
+    nests or implies: a Qwen2 ``text_config``, a SigLIP ``vision_config``, the family's projector type."""
+    return (
+        {"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"], **settings["text_config"]},
+        {"architectures": ["SiglipVisionModel"], **settings["vision_config"]},
+        {"mm_projector_type": settings["mm_projector_type"]},
+    )
 
 
 def check_model_type(top: dict[str, Any], where: Path | str) -> str:
@@ -289,9 +307,7 @@ def parse_config(root: Path) -> VilaConfig:
     check_model_type(top, root)
     if is_single_folder(top):
         settings = single_folder_settings(top)
-        llm_cfg = {"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"], **top["text_config"]}
-        vision_cfg = {"architectures": ["SiglipVisionModel"], **top["vision_config"]}
-        projector_cfg = {"mm_projector_type": settings["mm_projector_type"]}
+        llm_cfg, vision_cfg, projector_cfg = single_folder_components(settings)
         pre_path = root / "preprocessor_config.json"
         pre = read_json(pre_path) if pre_path.exists() else {}
         sources = (
@@ -355,11 +371,11 @@ def config_from_dicts(
     single = is_single_folder(top)
     if single:
         top = single_folder_settings(top)
-        llm_cfg = llm_cfg if llm_cfg is not None else {"model_type": "qwen2", **top["text_config"]}
-        vision_cfg = (
-            vision_cfg if vision_cfg is not None else {"architectures": ["SiglipVisionModel"], **top["vision_config"]}
+        nested = single_folder_components(top)
+        llm_cfg, vision_cfg, projector_cfg = (
+            given if given is not None else default
+            for given, default in zip((llm_cfg, vision_cfg, projector_cfg), nested)
         )
-        projector_cfg = projector_cfg if projector_cfg is not None else {"mm_projector_type": top["mm_projector_type"]}
 
     def embedded(given: dict[str, Any] | None, key: str) -> dict[str, Any]:
         if given is not None:

@@ -105,6 +105,10 @@ def fetch_to(
     return written
 
 
+# Bytes refuse() sees at once: enough for every signature it checks, however the server splits its packets.
+SNIFF_BYTES = 4096
+
+
 def _copy(
     url: str,
     response: Any,
@@ -115,19 +119,31 @@ def _copy(
     bar: Any,
 ) -> int:
     written = 0
+    # read1 returns what has arrived (up to CHUNK); read(CHUNK) would wait for a whole chunk, so a server dripping
+    # a byte at a time, each within the per-read timeout, could hold the download far past the deadline.
+    read = getattr(response, "read1", response.read)
+    head = b""  # the first bytes, held until refuse() has seen enough of them to know the content
     with bar:
-        while chunk := response.read(CHUNK):
-            if written == 0 and refuse is not None:
-                refuse(chunk)
-            written += len(chunk)
-            if policy.max_bytes is not None and written > policy.max_bytes:
-                raise _too_large(url, written, policy.max_bytes)
+        while True:
+            chunk = read(CHUNK)
             if deadline is not None and time.monotonic() > deadline:
                 raise DownloadError(
                     f"download of {url} took longer than {policy.deadline_s:g} s",
                     "pass a smaller or local file",
                     "timeout",
                 )
+            if refuse is not None:
+                head += chunk
+                if chunk and len(head) < SNIFF_BYTES:
+                    continue
+                if head:
+                    refuse(head)
+                chunk, head, refuse = head, b"", None
+            if not chunk:
+                break
+            written += len(chunk)
+            if policy.max_bytes is not None and written > policy.max_bytes:
+                raise _too_large(url, written, policy.max_bytes)
             out.write(chunk)
             bar.update(len(chunk))
     return written

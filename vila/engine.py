@@ -27,7 +27,7 @@ from __future__ import annotations
 import time
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -102,6 +102,12 @@ class Request:
     settings: dict[str, Any] = field(default_factory=dict)
     on_token: Callable[[int], bool] | None = None
     cancel: Callable[[], bool] | None = None
+
+
+def request_settings(settings: dict[str, Any]) -> dict[str, Any]:
+    """A request row's settings (``--batch``, the server) -> ``generate`` keyword arguments: there a temperature
+    above 0 asks for sampling, where ``generate`` itself samples only with ``do_sample=True``."""
+    return {**settings, "do_sample": (settings.get("temperature") or 0) > 0}
 
 
 def generate(
@@ -234,8 +240,14 @@ def _decode_group(model: Any, group: list[_Job], fail: Callable[[_Job, Exception
 
 
 def _decode(model: Any, jobs: list[_Job]) -> None:
-    if jobs[0].seed is not None:
-        torch.manual_seed(jobs[0].seed)
+    head = jobs[0]
+    if head.seed is not None and head.hf_config is not None:
+        torch.manual_seed(head.seed)  # the LLM's generate draws from the global generator
+    elif head.seed is not None and head.sampling is not None:
+        # A generator of the request's own, seeded as torch.manual_seed would seed the global one (the same draws),
+        # so that a seed gives the same answer whatever other requests draw meanwhile in other threads.
+        device = model.llm.get_output_embeddings().weight.device  # where the logits are drawn from
+        head.sampling = replace(head.sampling, generator=torch.Generator(device).manual_seed(head.seed))
     t0 = time.perf_counter()
     for job in jobs:
         job.start(t0)
@@ -336,7 +348,8 @@ def _hf_generate(model: Any, job: _Job) -> list[int]:
     from transformers import LogitsProcessorList, StoppingCriteriaList
 
     embeds = job.prepared.inputs_embeds[None]
-    processors = LogitsProcessorList([*job.processors, _MaskTail(model.num_generatable)])
+    # The mask first, as decode() applies it: a processor never sees scores of ids that cannot be emitted.
+    processors = LogitsProcessorList([_MaskTail(model.num_generatable), *job.processors])
     with torch.no_grad():
         out = model.llm.generate(
             inputs_embeds=embeds,
@@ -463,6 +476,12 @@ class _Job:
         job.user_processors = list(s.get("logits_processor") or [])
         job.criteria = list(s.get("stopping_criteria") or [])
         job.clock = TokenClock(s.get("streamer"))
+        beams = getattr(job.hf_config, "num_beams", 1) or 1
+        if beams > 1 and (request.on_token or s.get("streamer") is not None or job.criteria):
+            raise UsageError(
+                f"a generation_config with num_beams={beams} cannot be streamed or stopped per token (its rows are "
+                "beam hypotheses, not the answer); drop the streamer / stopping criteria, or use num_beams=1"
+            )
         return job
 
     def use_generation_config(self, config: Any) -> None:
@@ -490,7 +509,13 @@ class _Job:
 
     def prepare_key(self) -> tuple[Any, ...]:
         # repr: media settings may be lists (VILA-HD's select_num_each_scale)
-        return (id(self.template), repr(sorted(self.media.items())), id(self.cache))
+        # Templates by value (frozen dataclasses): requests with equal system prompts share one prepare_many.
+        template: Any = self.template
+        try:
+            hash(template)
+        except TypeError:  # a template built with unhashable fields: by identity
+            template = id(template)
+        return (template, repr(sorted(self.media.items())), id(self.cache))
 
     def plan(self, model: Any) -> None:
         """The context check, the budget and the logits processors, once the prompt is known."""
@@ -527,7 +552,7 @@ class _Job:
     def step(self, token: int) -> bool:
         """Called with each new token; True ends this request."""
         self.ids.append(token)
-        self.clock.put(torch.tensor([token]))
+        self.clock.tick(token)
         stop = False
         if self.criteria:
             ids = torch.tensor([self.ids])

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from .checkpoint import ComponentSource, assign_weights, resolve_checkpoint
+from .checkpoint import LOAD_PROGRESS, ComponentSource, assign_weights, resolve_checkpoint
 from .config import ASPECT_RATIO_MODES, VilaConfig, parse_config
 from .device import plan_placement, resolve_dtype
 from .errors import CheckpointError, UnsupportedModelError, UsageError
@@ -214,7 +214,7 @@ def quiet_load(cfg: VilaConfig, name: str) -> Iterator[None]:
     transformers draws a "Loading weights" bar per ``from_pretrained`` (LLM and vision tower: two per load, also
     in a log file, where each becomes one long line of carriage returns) and logs advice meant for its own API.
     Both stay off here (``--debug`` keeps transformers' log). A big checkpoint loading in a terminal gets one bar
-    instead, counting the tensors transformers loads; it is erased when done, so the answer starts on a clean line.
+    instead, counting the tensors loaded (our loaders report each one; transformers' bars are redirected to it); it is erased when done, so the answer starts on a clean line.
     """
     from transformers.utils import logging as hf_logging
 
@@ -234,9 +234,12 @@ def quiet_load(cfg: VilaConfig, name: str) -> Iterator[None]:
         previous = set_hook(lambda factory, args, kwargs: _Advance(bar, args[0] if args else kwargs.get("iterable")))
     else:
         hf_logging.disable_progress_bar()
+    # Our own loaders (assign_weights) report each tensor; transformers' bars (8-/4-bit, several devices) above.
+    token = LOAD_PROGRESS.set(bar.update if bar is not None else None)
     try:
         yield
     finally:
+        LOAD_PROGRESS.reset(token)
         if set_hook is not None:
             set_hook(previous)
         elif bars_were_on:

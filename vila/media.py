@@ -253,9 +253,13 @@ def sniff_kind(path: str, ext: str) -> str:
     return "image"  # a corrupt image: loading it gives the precise error
 
 
-def build_prompt(text: str | None, media: Sequence[str]) -> list[Any]:
-    """Media first, then the text (the reference's order), unless the text places them with placeholders."""
-    items = [Image(m) if media_kind(m) == "image" else Video(m) for m in media]
+def build_prompt(
+    text: str | None, media: Sequence[str | bytes], *, names: tuple[str, str] = ("--text", "--media")
+) -> list[Any]:
+    """Media first, then the text (the reference's order), unless the text places them with placeholders.
+    Media are paths or URLs (kind by extension and content) or image bytes; ``names`` are the text's and the
+    media's names in errors (the flags, or a request row's keys)."""
+    items = [Image(m) if isinstance(m, bytes) or media_kind(m) == "image" else Video(m) for m in media]
     if text is None:
         return items
     pieces = re.split(r"(<image>|<video>)", text)
@@ -264,7 +268,8 @@ def build_prompt(text: str | None, media: Sequence[str]) -> list[Any]:
         return [*items, text]
     if len(holes) != len(items):
         raise UsageError(
-            f"--text has {len(holes)} media placeholder(s) but {len(items)} --media item(s) were given; make them match"
+            f"{names[0]} has {len(holes)} media placeholder(s) but {len(items)} {names[1]} item(s) were given; "
+            "make them match"
         )
     prompt: list[Any] = []
     it = iter(items)

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config import VilaConfig, check_model_type, config_from_dicts, read_json
+from .config import VilaConfig, check_model_type, config_from_dicts, is_single_folder, read_json
 from .errors import CheckpointError, UnsupportedModelError
 from .families import tower_family
 from .model.projector import MultimodalProjector
@@ -89,8 +89,7 @@ def build_meta(
     """Build every component of a checkpoint from config dicts (component configs default to those embedded in
     the top-level config)."""
     cfg = config_from_dicts(top, llm_cfg, vision_cfg, projector_cfg, preprocessor)
-    llm_dict = llm_cfg if llm_cfg is not None else top["llm_cfg"]
-    llm, tied = build_llm(llm_dict)
+    llm, tied = build_llm(cfg.llm_source.config)
     tower, prefix = build_vision(cfg)
     with torch.device("meta"):
         projector = MultimodalProjector(cfg.projector_type, cfg.vision.mm_hidden_size, cfg.llm_hidden_size)
@@ -101,7 +100,10 @@ def meta_from_folder(root: str | Path) -> MetaVila:
     """:func:`build_meta` from a checkpoint folder's JSON files only (weights are not read)."""
     root = Path(root)
     top = read_json(root / "config.json")
-    check_model_type(top, root)  # before reading component folders a single-folder layout does not have
+    check_model_type(top, root)
+    if is_single_folder(top):  # the component configs are nested in config.json
+        pre = root / "preprocessor_config.json"
+        return build_meta(top, preprocessor=read_json(pre) if pre.exists() else None)
     pre = root / "vision_tower" / "preprocessor_config.json"
     return build_meta(
         top,

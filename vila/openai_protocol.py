@@ -100,10 +100,6 @@ class ChatRequest:
     fps: float | None = None
     media: list[MediaRef] = field(default_factory=list)
 
-    @property
-    def greedy(self) -> bool:
-        return not self.temperature and self.response_format is None
-
 
 # Parameters OpenAI's client or common frameworks send that change nothing here.
 _IGNORED = {"user", "metadata", "store", "service_tier", "parallel_tool_calls", "use_cache", "modalities"}

@@ -243,9 +243,12 @@ def media_placements(input_ids: Sequence[int], media_token_ids: dict[str, int]) 
     return [(i, kind_of[t]) for i, t in enumerate(input_ids) if t in kind_of]
 
 
-def continuation_ids(tokenizer: Any, prompt_text: str, continuation: str) -> list[int]:
+def continuation_ids(tokenizer: Any, prompt_text: str, continuation: str, prompt_len: int | None = None) -> list[int]:
     """The token ids of ``continuation`` after ``prompt_text``, as evaluation harnesses count them
     (lm-evaluation-harness's ``_encode_pair``): ``tok(prompt_text + continuation)[len(tok(prompt_text)):]``, so a
-    merge across the boundary is counted in the continuation and the prompt keeps generation's own ids."""
+    merge across the boundary is counted in the continuation and the prompt keeps generation's own ids.
+    ``prompt_len``: ``len(tok(prompt_text))`` when the caller has it already."""
     whole = tokenizer(prompt_text + continuation).input_ids
-    return list(whole[len(tokenizer(prompt_text).input_ids) :])
+    if prompt_len is None:
+        prompt_len = len(tokenizer(prompt_text).input_ids)
+    return list(whole[prompt_len:])

@@ -46,7 +46,7 @@ class VilaPredictor:
 
     Input columns: ``id``, ``text``, ``media`` (a list of paths, URLs or image bytes) and the optional per-row
     settings of ``--batch`` (``max_new_tokens``, ``temperature``, ...); or ``request``, one ``--batch`` JSON line
-    per row (the CLI sends JSONL rows so, so that a malformed row gets the same error row as in a local run).
+    per row (the CLI sends JSONL rows as text, so that a malformed row gets the same error row as in a local run).
     An optional ``line`` column numbers the rows (it comes back in the output).
 
     Output: one row per input row with the columns ``id, answer, num_prompt_tokens, num_generated_tokens,

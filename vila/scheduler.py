@@ -43,6 +43,18 @@ class Completion:
     finish_reason: str  # "stop" | "length"
 
 
+class ShuttingDown(Exception):
+    """What the requests still waiting get when the server stops."""
+
+
+def _tell(job: Job, kind: str, payload: Any) -> None:
+    """``job.on_event``, which must not take the worker down (e.g. once the server's event loop has closed)."""
+    try:
+        job.on_event(kind, payload)
+    except Exception:  # noqa: BLE001
+        logger.debug("event %s for request %s not delivered", kind, job.id, exc_info=True)
+
+
 @dataclass
 class Job:
     """One request for the worker. ``prompt``: turns for :meth:`VilaModel.generate`; ``settings``: its keyword
@@ -89,6 +101,7 @@ class Scheduler:
         self.cache = cache if cache is not None else FeatureCache(max_items=256, max_bytes=512 << 20)
         self.batched = model.supports_feature_cache  # models with their own media path run one by one
         self.running = 0
+        self._current: list[Job] = []  # the jobs being answered now
         self.largest_batch = 0  # most jobs decoded together so far
         self._pending: deque[Job] = deque()
         self._cv = threading.Condition()
@@ -103,11 +116,16 @@ class Scheduler:
         self._thread.start()
 
     def stop(self) -> None:
+        """Stop the worker: the running jobs end within a token, the waiting ones are answered with
+        :class:`ShuttingDown`."""
         with self._cv:
             self._stopping = True
-            for job in self._pending:
+            waiting, self._pending = list(self._pending), deque()
+            for job in [*self._current, *waiting]:
                 job.cancel()
             self._cv.notify_all()
+        for job in waiting:
+            _tell(job, "error", ShuttingDown("the server is shutting down; send the request again"))
         self._thread.join(timeout=30)
 
     def submit(self, job: Job) -> None:
@@ -137,6 +155,7 @@ class Scheduler:
                         group.append(job)
                         self._pending.remove(job)
             self.running = len(group)
+            self._current = group
             self.largest_batch = max(self.largest_batch, len(group))
             return group
 
@@ -151,9 +170,10 @@ class Scheduler:
                     self._run(live)
             except BaseException as e:  # noqa: BLE001 - the worker must survive anything one request does
                 for job in group:
-                    job.on_event("error", e)
+                    _tell(job, "error", e)
             finally:
                 self.running = 0
+                self._current = []
 
     def _run(self, jobs: list[Job]) -> None:
         """One engine call for ``jobs``; each gets its deltas, then its completion or its error."""
@@ -162,8 +182,7 @@ class Scheduler:
             engine.Request(
                 job.prompt,
                 {
-                    **job.settings,
-                    "do_sample": (job.settings.get("temperature") or 0) > 0,
+                    **engine.request_settings(job.settings),
                     "template": job.template,
                     "cache": self.cache,
                 },

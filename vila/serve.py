@@ -32,7 +32,7 @@ from .openai_protocol import (
     system_template,
     usage,
 )
-from .scheduler import Completion, Job, QueueFull, Scheduler
+from .scheduler import Completion, Job, QueueFull, Scheduler, ShuttingDown
 
 logger = logging.getLogger("vila.serve")
 
@@ -233,6 +233,8 @@ def _generate_settings(req: ChatRequest) -> dict[str, Any]:
 async def _next_event(request: Any, job: Job, events: asyncio.Queue) -> tuple[str, Any]:
     """The job's next event; cancels the job and raises :class:`_Disconnected` once the client is gone."""
     while True:
+        if not events.empty():  # the common case while tokens stream: no timer task per token
+            return events.get_nowait()
         try:
             return await asyncio.wait_for(events.get(), timeout=0.25)
         except asyncio.TimeoutError:
@@ -292,6 +294,8 @@ def to_api_error(e: BaseException, rid: str = "") -> APIError:
     """An exception from parsing or generation as the error the client sees (4xx: its fault, 5xx: ours)."""
     if isinstance(e, APIError):
         return e
+    if isinstance(e, ShuttingDown):
+        return APIError(503, str(e), type="server_error", code="shutting_down")
     if isinstance(e, PromptTooLongError):
         return APIError(400, str(e), param="messages", code="context_length_exceeded")
     if isinstance(e, (UsageError, MediaError)):

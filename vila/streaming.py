@@ -42,6 +42,16 @@ class TokenClock:
         if self.inner is not None:
             self.inner.put(value)
 
+    def tick(self, token: int) -> None:
+        """One new token (after the prompt's ``put``); a tensor is built only for a caller's streamer."""
+        if self.inner is not None:
+            self.put(torch.tensor([token]))
+            return
+        now = time.perf_counter()
+        self.first = self.first or now
+        self.last = now
+        self.steps += 1
+
     def end(self) -> None:
         if self.inner is not None:
             self.inner.end()

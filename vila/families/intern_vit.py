@@ -26,9 +26,8 @@ class InternTower(nn.Module):
 
     @classmethod
     def build(cls, cfg: VisionConfig, source: Any, dtype: torch.dtype, device: torch.device | str) -> InternTower:
-        if source is None:
-            with torch.device("meta"):
-                model = InternVisionModel(InternVisionConfig.from_dict(cfg.raw))
+        if source is None:  # meta-device construction from the config alone (shape checks)
+            model = stored(cfg)[0]
         else:
             model = load_intern_vit(source, dtype=dtype, device=device)
         return cls(model, cfg.num_layers_to_run, cfg.select_feature)

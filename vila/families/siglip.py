@@ -31,9 +31,7 @@ class SiglipTower(nn.Module):
         from transformers import SiglipVisionConfig, SiglipVisionModel
 
         if source is None:  # meta-device construction from the config alone (shape checks)
-            hf_cfg = SiglipVisionConfig(**{k: v for k, v in cfg.raw.items() if k != "architectures"})
-            with torch.device("meta"):
-                model = SiglipVisionModel(hf_cfg)
+            model = stored(cfg)[0]
         else:
             from dataclasses import replace
 

@@ -44,7 +44,8 @@ def load_llm(
                 if source.prefix:
                     raise CheckpointError(
                         f"a single-folder checkpoint's {source.what} cannot be quantised or spread over devices yet; "
-                        "convert it with scripts/convert_checkpoint.py --to original"
+                        "use the original-layout repository (the name without -hf) or convert it with scripts/convert_checkpoint.py "
+                        "--to original from the vila source tree"
                     )
                 llm = AutoModelForCausalLM.from_pretrained(
                     source.folder, dtype=dtype, device_map=device_map, attn_implementation="sdpa", **(extra or {})

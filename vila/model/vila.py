@@ -360,7 +360,8 @@ class VilaModel(nn.Module):
         if isinstance(continuations, str) or not continuations:
             raise UsageError("continuations must be a non-empty list of strings")
         prepared = self.prepare(to_turns(prompt), template=template, **media)
-        conts = [continuation_ids(self.tokenizer, prepared.prompt_text, c) for c in continuations]
+        known = len(prepared.input_ids)  # the prompt's own ids, tokenised once
+        conts = [continuation_ids(self.tokenizer, prepared.prompt_text, c, known) for c in continuations]
         n, longest = prepared.inputs_embeds.shape[0], max(len(c) for c in conts)
         context = prepared.context_length or self.context_length
         if n + longest > context:
@@ -380,9 +381,12 @@ class VilaModel(nn.Module):
         with torch.no_grad():
             tail = self.llm.get_input_embeddings()(ids)
             head = prepared.inputs_embeds.to(device, tail.dtype)[None].expand(len(conts), -1, -1)
-            logits = self.forward(inputs_embeds=torch.cat([head, tail], dim=1), attention_mask=mask)
-            # Position n - 1 + k predicts continuation token k.
-            logprobs = logits[:, n - 1 : n - 1 + longest, : self.num_generatable].float().log_softmax(-1)
+            # Only the last longest + 1 positions' logits (position n - 1 + k predicts continuation token k): the
+            # prompt's would be (positions x vocabulary) floats that nothing reads.
+            logits = self.forward(
+                inputs_embeds=torch.cat([head, tail], dim=1), attention_mask=mask, logits_to_keep=longest + 1
+            )
+            logprobs = logits[:, :longest, : self.num_generatable].float().log_softmax(-1)
             picked = logprobs.gather(-1, ids[..., None].clamp(max=self.num_generatable - 1))[..., 0]
         return [float(picked[i, : len(c)].sum()) for i, c in enumerate(conts)]
 
